@@ -1,0 +1,367 @@
+"""The configuration file: go-policyd's /etc/postfix/policyd.cfg, read strictly.
+
+Format: one ``key = value`` per line; spaces around ``=`` are ignored; lines starting
+with ``#`` and blank lines are skipped; the last line may lack its newline.  ``#`` in
+the middle of a line is part of the value (passwords may contain it).  ``whitelist``
+and ``blacklist`` may appear many times.  Any other mistake - an unknown key, a key
+given twice, a bad value - refuses the whole file with its name and line number.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from policyd.quota import DEFAULT_OFFICE_HOURS, OfficeHours, QuotaRules
+from policyd.storage import mask_url
+from policyd.storage.base import check_table_name
+
+DEFAULT_CONFIG_PATH = "/etc/postfix/policyd.cfg"
+DEFAULT_DATABASE = "sqlite:///var/lib/policyd/policyd.sqlite"
+
+_ACTION_WORDS = frozenset({"DUNNO", "HOLD", "DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT", "REJECT", "OK"})
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+# Longer durations overflow timedelta or `now - duration` (window, retention, top --window).
+_MAX_DURATION = timedelta(days=36500)
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The file cannot be used; `problems` holds one 'file:line: what' string each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings, after defaults and legacy keys are resolved."""
+
+    path: str = "(defaults)"
+    bind: str = "127.0.0.1"
+    port: int = 9093
+    socket: str | None = None
+    socket_mode: int = 0o660
+    database: str = DEFAULT_DATABASE
+    table: str = "events"
+    db_timeout: float = 0.5
+    db_error_action: str = "DUNNO"
+    retention: timedelta = timedelta(days=7)
+    log_level: str = "info"
+    rules: QuotaRules = field(default_factory=QuotaRules)
+    warnings: tuple[str, ...] = ()
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(key, value) pairs for check-config, the password masked."""
+        rules = self.rules
+        return [
+            ("config file", self.path),
+            ("bind", self.bind),
+            ("port", str(self.port)),
+            ("socket", self.socket or "(none)"),
+            ("socket_mode", f"{self.socket_mode:04o}"),
+            ("database", mask_url(self.database)),
+            ("policy_table", self.table),
+            ("db_timeout", _format_duration(timedelta(seconds=self.db_timeout))),
+            ("db_error_action", self.db_error_action),
+            ("defaultquota", str(rules.quota)),
+            ("rejectquota", str(rules.reject_quota)),
+            ("window", _format_duration(rules.window)),
+            ("count_rejected", "yes" if rules.count_rejected else "no"),
+            ("unauthenticated_action", rules.unauthenticated_action),
+            ("whitelist", ", ".join(sorted(rules.whitelist)) or "(empty)"),
+            ("blacklist", ", ".join(sorted(rules.blacklist)) or "(empty)"),
+            ("whitelist_hours", rules.whitelist_hours.spec),
+            ("retention", _format_duration(self.retention)),
+            ("log_level", self.log_level),
+        ]
+
+
+# ---------------------------------------------------------------------------
+# value parsers: each takes the text and returns the value or raises ValueError
+# ---------------------------------------------------------------------------
+
+
+def parse_int(text: str, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
+    # Always base 10: go-policyd read "0100" as octal 64.
+    if not re.fullmatch(r"[0-9]+", text):
+        raise ValueError(f"{text!r} is not a whole decimal number")
+    value = int(text, 10)
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{value} is out of range ({minimum}..{maximum})")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in {"yes", "true", "on", "1"}:
+        return True
+    if lowered in {"no", "false", "off", "0"}:
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def parse_duration(text: str) -> timedelta:
+    match = _DURATION_RE.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (like 30s, 15m, 24h, 7d; plain numbers are seconds)")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds > _MAX_DURATION.total_seconds():
+        raise ValueError(f"{text!r} is too long (at most {_MAX_DURATION.days}d)")
+    duration = timedelta(seconds=seconds)
+    if duration <= timedelta(0):
+        raise ValueError("a duration must be more than zero")
+    return duration
+
+
+def parse_action(text: str) -> str:
+    word = text.split(None, 1)[0] if text.strip() else ""
+    upper = word.upper()
+    if upper not in _ACTION_WORDS and not re.fullmatch(r"[45]\d\d", word):
+        raise ValueError(
+            f"{text!r} is not a Postfix action (DUNNO, HOLD, DEFER_IF_PERMIT, REJECT, 4xx, 5xx ...)"
+        )
+    return upper + text.strip()[len(word) :]
+
+
+def parse_port(text: str) -> int:
+    return parse_int(text, 1, 65535)
+
+
+def parse_bind(text: str) -> str:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", text):
+            raise ValueError(f"{text!r} is not an IP address or host name") from None
+    return text
+
+
+def parse_mode(text: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError(f"{text!r} is not an octal file mode like 0660")
+    return int(text, 8)
+
+
+def parse_log_level(text: str) -> str:
+    if text.lower() not in _LOG_LEVELS:
+        raise ValueError(f"{text!r} is not one of {', '.join(_LOG_LEVELS)}")
+    return text.lower()
+
+
+def parse_database(text: str) -> str:
+    if "://" not in text:
+        raise ValueError(f"{text!r} is not a URL like sqlite:///var/lib/policyd/policyd.sqlite")
+    return text
+
+
+def parse_text(text: str) -> str:
+    return text
+
+
+def parse_table(text: str) -> str:
+    return check_table_name(text)
+
+
+def parse_hours(text: str) -> OfficeHours:
+    return OfficeHours.parse(text)
+
+
+# key -> (parser, what it is).  The order is the order of `policyd check-config --keys`.
+KEYS: dict[str, tuple[Any, str]] = {
+    # go-policyd's keys
+    "port": (parse_port, "TCP port to listen on (default 9093)"),
+    "bind": (parse_bind, "address to listen on (default 127.0.0.1)"),
+    "defaultquota": (
+        lambda text: parse_int(text, 1),
+        "recipients per user per window before HOLD (default 1500)",
+    ),
+    "dbuser": (parse_text, "MariaDB user (go-policyd style; prefer `database`)"),
+    "dbpass": (parse_text, "MariaDB password (go-policyd style)"),
+    "dbhost": (parse_text, "MariaDB host (default localhost)"),
+    "dbport": (parse_port, "MariaDB port (default 3306)"),
+    "dbname": (parse_text, "MariaDB database name"),
+    "policy_table": (parse_table, "table of events (default events)"),
+    "whitelist": (parse_text, "user, sender or client IP not counted in whitelist_hours (repeatable)"),
+    "blacklist": (parse_text, "user, sender or client IP always held (repeatable)"),
+    # policyd's own keys
+    "database": (parse_database, f"database URL (default {DEFAULT_DATABASE})"),
+    "socket": (parse_text, "also listen on this unix socket path"),
+    "socket_mode": (parse_mode, "permissions of the unix socket (default 0660)"),
+    "rejectquota": (
+        lambda text: parse_int(text, 1),
+        "recipients per window from which mail is rejected (default 2 x defaultquota)",
+    ),
+    "window": (parse_duration, "sliding window the quota applies to (default 24h)"),
+    "retention": (parse_duration, "how long events are kept (default 7d)"),
+    "db_timeout": (parse_duration, "longest wait on the database per request (default 0.5s)"),
+    "db_error_action": (parse_action, "answer when the database fails (default DUNNO)"),
+    "count_rejected": (parse_bool, "count rejected messages toward the quota (default no)"),
+    "whitelist_hours": (
+        parse_hours,
+        f"when whitelisted senders are not counted (default {DEFAULT_OFFICE_HOURS})",
+    ),
+    "unauthenticated_action": (parse_action, "answer for mail without sasl_username (default DUNNO)"),
+    "log_level": (parse_log_level, "debug, info, warning or error (default info)"),
+}
+REPEATABLE = frozenset({"whitelist", "blacklist"})
+# In go-policyd's sample file (commented out there); accepted so an old file keeps working.
+IGNORED_LEGACY_KEYS = frozenset({"usesyslog", "pidfile"})
+
+
+def parse_lines(
+    text: str, path: str
+) -> tuple[dict[str, tuple[int, Any]], dict[str, list[str]], list[str], list[str]]:
+    """Parse the file's text: (single values with line numbers, lists, problems, warnings)."""
+    values: dict[str, tuple[int, Any]] = {}
+    lists: dict[str, list[str]] = {name: [] for name in REPEATABLE}
+    problems: list[str] = []
+    warnings: list[str] = []
+    # Lines end at \n only (an optional \r before it is stripped), as in go-policyd and
+    # editors: str.splitlines() would also split at \f, \x1c, U+0085, U+2028 ... inside a
+    # value and make the reported line numbers wrong.
+    for number, raw_line in enumerate(text.split("\n"), start=1):
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        key, separator, value = line.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not separator:
+            problems.append(f"{where}: not 'key = value': {line[:60]!r}")
+            continue
+        if key in IGNORED_LEGACY_KEYS:
+            warnings.append(f"{where}: {key} is ignored (policyd logs to syslog and needs no pid file)")
+            continue
+        if key not in KEYS:
+            problems.append(f"{where}: unknown key {key!r}{_suggestion(key)}")
+            continue
+        if not value:
+            problems.append(f"{where}: {key} has no value")
+            continue
+        parser, _ = KEYS[key]
+        try:
+            parsed = parser(value)
+        except ValueError as error:
+            problems.append(f"{where}: {key}: {error}")
+            continue
+        if key in REPEATABLE:
+            lists[key].append(parsed)
+        elif key in values:
+            problems.append(f"{where}: {key} is already set on line {values[key][0]}")
+        else:
+            values[key] = (number, parsed)
+    return values, lists, problems, warnings
+
+
+def _suggestion(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, [*KEYS, *IGNORED_LEGACY_KEYS], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def legacy_mysql_url(values: dict[str, Any]) -> str:
+    """go-policyd's dbuser/dbpass/dbhost/dbport/dbname keys, as a mysql:// URL."""
+    user = quote(str(values.get("dbuser", "")), safe="")
+    password = quote(str(values.get("dbpass", "")), safe="")
+    credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    host = values.get("dbhost", "localhost")
+    port = values.get("dbport", 3306)
+    return f"mysql://{credentials}{host}:{port}/{quote(str(values.get('dbname', 'policyd')), safe='')}"
+
+
+def settings_from_text(text: str, path: str) -> Settings:
+    line_values, lists, problems, warnings = parse_lines(text, path)
+    values = {key: value for key, (_, value) in line_values.items()}
+    legacy_db_keys = sorted(
+        key for key in ("dbuser", "dbpass", "dbhost", "dbport", "dbname") if key in values
+    )
+    if "database" in values:
+        database = values["database"]
+        if legacy_db_keys:
+            warnings.append(f"{path}: {', '.join(legacy_db_keys)} ignored because database is set")
+    elif legacy_db_keys:
+        database = legacy_mysql_url(values)
+    else:
+        database = DEFAULT_DATABASE
+    quota = values.get("defaultquota", 1500)
+    reject_quota = values.get("rejectquota", 2 * quota)
+    if reject_quota < quota:
+        line = line_values["rejectquota"][0]
+        problems.append(f"{path}:{line}: rejectquota ({reject_quota}) is below defaultquota ({quota})")
+    if problems:
+        raise ConfigError(problems)
+    defaults = Settings()
+    rules = QuotaRules(
+        quota=quota,
+        reject_quota=reject_quota,
+        window=values.get("window", defaults.rules.window),
+        count_rejected=values.get("count_rejected", False),
+        unauthenticated_action=values.get("unauthenticated_action", "DUNNO"),
+        whitelist=frozenset(name.lower() for name in lists["whitelist"]),
+        blacklist=frozenset(name.lower() for name in lists["blacklist"]),
+        whitelist_hours=values.get("whitelist_hours", defaults.rules.whitelist_hours),
+    )
+    return replace(
+        defaults,
+        path=path,
+        bind=values.get("bind", defaults.bind),
+        port=values.get("port", defaults.port),
+        socket=values.get("socket"),
+        socket_mode=values.get("socket_mode", defaults.socket_mode),
+        database=database,
+        table=values.get("policy_table", defaults.table),
+        db_timeout=values["db_timeout"].total_seconds() if "db_timeout" in values else defaults.db_timeout,
+        db_error_action=values.get("db_error_action", defaults.db_error_action),
+        retention=values.get("retention", defaults.retention),
+        log_level=values.get("log_level", defaults.log_level),
+        rules=rules,
+        warnings=tuple(warnings),
+    )
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read and check the file; raises ConfigError naming the file and line."""
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError([f"{name}: cannot read: {error.strerror or error}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ConfigError([f"{name}:{line}: not valid UTF-8 text"]) from None
+    settings = settings_from_text(text, name)
+    return replace(settings, warnings=settings.warnings + tuple(_permission_warnings(name, settings)))
+
+
+def _permission_warnings(path: str, settings: Settings) -> list[str]:
+    if "dbpass" not in Path(path).read_text("utf-8") and mask_url(settings.database) == settings.database:
+        return []
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return []
+    if mode & stat.S_IROTH:
+        return [f"{path}: holds a database password but is readable by everyone (chmod o-r {path})"]
+    return []
+
+
+def _format_duration(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        # "24h" reads better than "1d" for the window; days from two on.
+        if seconds >= max(size, 2 * 86400 if unit == "d" else 0) and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

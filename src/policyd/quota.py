@@ -1,0 +1,189 @@
+"""The quota decision: pure functions of a message, the user's recent total and the time.
+
+No I/O here.  The caller (accounting.py) asks storage for the user's total, hands it to
+``decide_quota`` and records what it returns.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+
+from policyd.protocol import PolicyRequest
+
+# Stages at which Postfix knows the final recipient_count.  END-OF-MESSAGE is the one
+# to use (smtpd_end_of_data_restrictions); DATA works too (smtpd_data_restrictions).
+COUNTING_STAGES = frozenset({"END-OF-MESSAGE", "DATA"})
+
+
+class RequestValueError(ValueError):
+    """An attribute Postfix always sends well-formed is not (so the client is not Postfix)."""
+
+
+class Outcome(enum.StrEnum):
+    """What happened to a message; stored in the events table's `action` column."""
+
+    DUNNO = "DUNNO"
+    HOLD = "HOLD"
+    REJECT = "REJECT"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """The attributes of a request that the quota looks at."""
+
+    sasl_username: str
+    sender: str
+    client_address: str
+    recipient_count: int
+    protocol_state: str
+
+    @classmethod
+    def from_request(cls, request: PolicyRequest) -> Message:
+        raw_count = request.get("recipient_count", "0") or "0"
+        if not raw_count.isascii() or not raw_count.isdigit() or len(raw_count) > 9:
+            raise RequestValueError(f"recipient_count is not a number: {raw_count[:40]!r}")
+        return cls(
+            # SASL back-ends compare names case-insensitively; counting "Bob" and "bob"
+            # apart would let a phished account dodge its quota by changing case.
+            sasl_username=request.get("sasl_username").lower(),
+            sender=request.get("sender"),
+            client_address=request.get("client_address"),
+            recipient_count=int(raw_count),
+            protocol_state=request.get("protocol_state").upper(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to Postfix and whether (and how) the message is recorded."""
+
+    action: str
+    outcome: Outcome
+    record: bool
+    reason: str
+
+
+_DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HOURS_RE = re.compile(
+    r"^\s*([a-z]{3})(?:\s*-\s*([a-z]{3}))?\s+(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HoursRange:
+    days: frozenset[int]  # 0 = Monday, as datetime.weekday()
+    start: time
+    end: time  # exclusive
+
+    def contains(self, moment: datetime) -> bool:
+        return moment.weekday() in self.days and self.start <= moment.time() < self.end
+
+
+@dataclass(frozen=True, slots=True)
+class OfficeHours:
+    """When whitelisted senders are not counted (local time of the relay)."""
+
+    ranges: tuple[HoursRange, ...]
+    spec: str
+
+    def contains(self, moment: datetime) -> bool:
+        return any(hours.contains(moment) for hours in self.ranges)
+
+    @classmethod
+    def parse(cls, spec: str) -> OfficeHours:
+        """Parse ``Mon-Fri 07:00-20:00`` (several ranges separated by ``;``), ``always`` or ``never``."""
+        text = spec.strip().lower()
+        if text == "always":
+            return cls((HoursRange(frozenset(range(7)), time(0, 0), time.max),), spec)
+        if text == "never":
+            return cls((), spec)
+        ranges = []
+        for part in text.split(";"):
+            match = _HOURS_RE.match(part)
+            if not match:
+                raise ValueError(f"{part.strip()!r} is not like 'Mon-Fri 07:00-20:00'")
+            first_day, last_day, start_h, start_m, end_h, end_m = match.groups()
+            for day in (first_day, last_day):
+                if day is not None and day not in _DAY_NAMES:
+                    raise ValueError(f"unknown day {day!r} (use Mon Tue Wed Thu Fri Sat Sun)")
+            first = _DAY_NAMES.index(first_day)
+            last = _DAY_NAMES.index(last_day) if last_day else first
+            days = range(first, last + 1) if first <= last else [*range(first, 7), *range(0, last + 1)]
+            try:
+                start = time(int(start_h), int(start_m))
+                end = time.max if (end_h, end_m) in {("24", "00")} else time(int(end_h), int(end_m))
+            except ValueError as error:
+                raise ValueError(f"bad time in {part.strip()!r}: {error}") from None
+            if end <= start:
+                raise ValueError(f"in {part.strip()!r} the end is not after the start")
+            ranges.append(HoursRange(frozenset(days), start, end))
+        return cls(tuple(ranges), spec)
+
+
+DEFAULT_OFFICE_HOURS = "Mon-Fri 07:00-20:00"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRules:
+    """Everything the decision depends on apart from the message, the total and the time."""
+
+    quota: int = 1500
+    reject_quota: int = 3000
+    window: timedelta = timedelta(hours=24)
+    count_rejected: bool = False
+    unauthenticated_action: str = "DUNNO"
+    whitelist: frozenset[str] = field(default_factory=frozenset)  # lower-cased
+    blacklist: frozenset[str] = field(default_factory=frozenset)  # lower-cased
+    whitelist_hours: OfficeHours = field(default_factory=lambda: OfficeHours.parse(DEFAULT_OFFICE_HOURS))
+
+    def listed(self, names: frozenset[str], message: Message) -> bool:
+        return bool(names) and any(
+            candidate.lower() in names
+            for candidate in (message.sasl_username, message.sender, message.client_address)
+            if candidate
+        )
+
+
+def precheck(rules: QuotaRules, message: Message, local_now: datetime) -> Verdict | None:
+    """The verdict for a message that needs no total, or None if it must be counted.
+
+    ``local_now`` is the relay's local time (office hours are local).
+    """
+    if message.protocol_state not in COUNTING_STAGES:
+        return Verdict("DUNNO", Outcome.DUNNO, record=False, reason="not a counting stage")
+    if not message.sasl_username:
+        outcome = _outcome_of(rules.unauthenticated_action)
+        return Verdict(rules.unauthenticated_action, outcome, record=False, reason="unauthenticated")
+    if rules.listed(rules.blacklist, message):
+        return Verdict("HOLD blacklisted", Outcome.HOLD, record=False, reason="blacklisted")
+    if rules.listed(rules.whitelist, message) and rules.whitelist_hours.contains(local_now):
+        return Verdict("DUNNO", Outcome.DUNNO, record=False, reason="whitelisted")
+    return None
+
+
+def decide_quota(rules: QuotaRules, recipients_last_24h: int) -> Verdict:
+    """The verdict for a counted message, given the user's total *including* this message."""
+    if recipients_last_24h >= rules.reject_quota:
+        return Verdict("REJECT max quota exceeded", Outcome.REJECT, record=True, reason="over reject quota")
+    if recipients_last_24h >= rules.quota:
+        return Verdict("HOLD quota exceeded", Outcome.HOLD, record=True, reason="over quota")
+    return Verdict("DUNNO", Outcome.DUNNO, record=True, reason="within quota")
+
+
+def counted_outcomes(rules: QuotaRules) -> tuple[Outcome, ...]:
+    """Outcomes whose recipients count toward the total (held mail may be released)."""
+    if rules.count_rejected:
+        return (Outcome.DUNNO, Outcome.HOLD, Outcome.REJECT)
+    return (Outcome.DUNNO, Outcome.HOLD)
+
+
+def _outcome_of(action: str) -> Outcome:
+    word = action.split(None, 1)[0].upper() if action.strip() else "DUNNO"
+    if word in {"HOLD"}:
+        return Outcome.HOLD
+    if word in {"REJECT", "DEFER", "DEFER_IF_PERMIT"} or word[:1] in {"4", "5"}:
+        return Outcome.REJECT
+    return Outcome.DUNNO

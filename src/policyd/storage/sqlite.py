@@ -1,0 +1,239 @@
+"""SQLite backend: the embedded default, nothing to install.
+
+WAL journal, so the reader connection never waits for the writer's fsync.  Each
+connection runs in its own thread (aiosqlite), so the event loop never blocks on disk.
+Timestamps are stored as UTC text ``YYYY-MM-DD HH:MM:SS.mmm`` (what DATETIME(3) holds
+in MariaDB), which sorts and compares correctly as text.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiosqlite
+
+from policyd.quota import Outcome
+from policyd.storage.base import PURGE_BATCH_ROWS, Event, SenderStats, Storage, StorageError, utc
+
+# How long SQLite itself waits on a lock held by another process (policyd purge, say)
+# before failing.  The daemon bounds its own wait separately (db_timeout).
+BUSY_TIMEOUT_SECONDS = 5.0
+
+_TS_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+_COLUMNS = {
+    "ts": "TEXT NOT NULL",
+    "sasl_username": "TEXT NOT NULL DEFAULT ''",
+    "sender": "TEXT NOT NULL DEFAULT ''",
+    "client_address": "TEXT NOT NULL DEFAULT ''",
+    "recipient_count": "INTEGER NOT NULL DEFAULT 0",
+    "action": "TEXT NOT NULL DEFAULT 'DUNNO'",
+    "event_id": "TEXT",
+}
+
+
+def format_ts(moment: datetime) -> str:
+    return utc(moment).strftime(_TS_FORMAT)[:-3]
+
+
+def parse_ts(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
+
+
+@asynccontextmanager
+async def _wrapped_errors(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (sqlite3.Error, OSError, ValueError) as error:
+        raise StorageError(f"sqlite: {what}: {error}") from error
+
+
+class SQLiteStorage(Storage):
+    def __init__(self, path: str, table: str = "events") -> None:
+        super().__init__(table)
+        self.path = path
+        self._reader: aiosqlite.Connection | None = None
+        self._writer: aiosqlite.Connection | None = None
+
+    @classmethod
+    def from_url(cls, url: str, table: str) -> SQLiteStorage:
+        # sqlite:///var/lib/policyd/policyd.sqlite -> /var/lib/policyd/policyd.sqlite;
+        # sqlite://var/policyd.sqlite -> var/policyd.sqlite (relative to the working dir).
+        if not url.lower().startswith("sqlite://"):
+            raise ValueError(f"not an sqlite:// URL: {url!r}")
+        path = url[len("sqlite://") :]
+        if not path:
+            raise ValueError("sqlite:// URL without a path (want sqlite:///var/lib/policyd/policyd.sqlite)")
+        return cls(path, table)
+
+    @property
+    def description(self) -> str:
+        return f"sqlite:{self.path} table {self.table}"
+
+    async def open(self) -> None:
+        async with _wrapped_errors(f"opening {self.path}"):
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self._writer = await aiosqlite.connect(
+                self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None
+            )
+            await self._writer.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before Postfix gets its answer.
+            await self._writer.execute("PRAGMA synchronous=FULL")
+            self._reader = await aiosqlite.connect(
+                self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None
+            )
+
+    async def close(self) -> None:
+        for connection in (self._reader, self._writer):
+            if connection is not None:
+                try:
+                    await connection.close()
+                except (sqlite3.Error, ValueError):
+                    pass
+        self._reader = self._writer = None
+
+    def _connections(self) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
+        if self._reader is None or self._writer is None:
+            raise StorageError("sqlite: storage is not open")
+        return self._reader, self._writer
+
+    async def _existing_columns(self) -> set[str]:
+        _, writer = self._connections()
+        cursor = await writer.execute(f"PRAGMA table_info({self.table})")
+        return {row[1] for row in await cursor.fetchall()}
+
+    async def _existing_indexes(self) -> set[str]:
+        _, writer = self._connections()
+        cursor = await writer.execute(f"PRAGMA index_list({self.table})")
+        return {row[1] for row in await cursor.fetchall()}
+
+    def _wanted_indexes(self) -> dict[str, str]:
+        table = self.table
+        return {
+            # Covers the per-request sum: the user's rows in the window, read from the index alone.
+            f"{table}_user_ts": f"CREATE INDEX {table}_user_ts ON {table}(sasl_username, ts, action, recipient_count)",
+            f"{table}_ts": f"CREATE INDEX {table}_ts ON {table}(ts)",
+            f"{table}_event_id": f"CREATE UNIQUE INDEX {table}_event_id ON {table}(event_id)",
+        }
+
+    async def _plan(self) -> list[tuple[str, str]]:
+        columns = await self._existing_columns()
+        if not columns:
+            definition = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS.items())
+            steps = [(f"create table {self.table}", f"CREATE TABLE {self.table} ({definition})")]
+            existing_indexes: set[str] = set()
+        else:
+            steps = [
+                (f"add column {self.table}.{name}", f"ALTER TABLE {self.table} ADD COLUMN {name} {kind}")
+                for name, kind in _COLUMNS.items()
+                if name not in columns
+            ]
+            existing_indexes = await self._existing_indexes()
+        steps += [
+            (f"create index {name}", statement)
+            for name, statement in self._wanted_indexes().items()
+            if name not in existing_indexes
+        ]
+        return steps
+
+    async def pending_migrations(self) -> list[str]:
+        async with _wrapped_errors("reading the schema"):
+            return [description for description, _ in await self._plan()]
+
+    async def migrate(self) -> list[str]:
+        _, writer = self._connections()
+        async with _wrapped_errors("migrating the schema"):
+            await writer.execute("BEGIN IMMEDIATE")
+            try:
+                steps = await self._plan()
+                for _, statement in steps:
+                    await writer.execute(statement)
+                await writer.execute("COMMIT")
+            except BaseException:
+                await writer.execute("ROLLBACK")
+                raise
+        return [description for description, _ in steps]
+
+    async def recipients_since(self, sasl_username: str, since: datetime, outcomes: Sequence[Outcome]) -> int:
+        reader, _ = self._connections()
+        marks = ",".join("?" * len(outcomes))
+        async with _wrapped_errors("summing recipients"):
+            cursor = await reader.execute(
+                f"SELECT COALESCE(SUM(recipient_count), 0) FROM {self.table} "
+                f"WHERE sasl_username = ? AND ts >= ? AND action IN ({marks})",
+                (sasl_username, format_ts(since), *(str(outcome) for outcome in outcomes)),
+            )
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def add_events(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        _, writer = self._connections()
+        rows = [
+            (
+                format_ts(event.ts),
+                event.sasl_username,
+                event.sender,
+                event.client_address,
+                event.recipient_count,
+                str(event.outcome),
+                event.event_id,
+            )
+            for event in events
+        ]
+        async with _wrapped_errors("recording events"):
+            await writer.execute("BEGIN IMMEDIATE")
+            try:
+                await writer.executemany(
+                    f"INSERT OR IGNORE INTO {self.table} "
+                    "(ts, sasl_username, sender, client_address, recipient_count, action, event_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                await writer.execute("COMMIT")
+            except BaseException:
+                await writer.execute("ROLLBACK")
+                raise
+
+    async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
+        reader, _ = self._connections()
+        async with _wrapped_errors("listing top senders"):
+            cursor = await reader.execute(
+                "SELECT sasl_username, SUM(recipient_count), COUNT(*), "
+                "SUM(action = 'HOLD'), SUM(action = 'REJECT'), MAX(ts) "
+                f"FROM {self.table} WHERE ts >= ? GROUP BY sasl_username "
+                "ORDER BY 2 DESC, 1 LIMIT ?",
+                (format_ts(since), limit),
+            )
+            rows = await cursor.fetchall()
+        return [
+            SenderStats(str(user), int(recipients), int(messages), int(held), int(rejected), parse_ts(last))
+            for user, recipients, messages, held, rejected, last in rows
+        ]
+
+    async def purge(self, before: datetime, batch_rows: int = PURGE_BATCH_ROWS) -> int:
+        _, writer = self._connections()
+        deleted = 0
+        async with _wrapped_errors("purging old events"):
+            while True:
+                cursor = await writer.execute(
+                    f"DELETE FROM {self.table} WHERE rowid IN "
+                    f"(SELECT rowid FROM {self.table} WHERE ts < ? LIMIT ?)",
+                    (format_ts(before), batch_rows),
+                )
+                deleted += cursor.rowcount
+                if cursor.rowcount < batch_rows:
+                    return deleted
+
+    async def count_events(self) -> int:
+        reader, _ = self._connections()
+        async with _wrapped_errors("counting events"):
+            cursor = await reader.execute(f"SELECT COUNT(*) FROM {self.table}")
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0

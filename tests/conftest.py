@@ -1,0 +1,224 @@
+"""Shared fixtures: storage backends (real servers), an in-process daemon, a policy client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from policyd.config import Settings
+from policyd.quota import QuotaRules
+from policyd.server import Daemon
+from policyd.storage import Storage, create_storage
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+BACKENDS = ("sqlite", "mariadb", "postgresql")
+_table_numbers = itertools.count(1)
+
+
+def skip_or_fail(reason: str) -> None:
+    """Outside CI a missing server skips the test; in CI it is a failure."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a missing server is a failure)")
+    pytest.skip(reason)
+
+
+# ---------------------------------------------------------------------------
+# real database servers, one of each per test session, started on first use
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[Any]:
+    from tests import dbservers
+
+    reason = dbservers.available("mariadb")
+    if reason:
+        skip_or_fail(reason)
+    with dbservers.MariaDBServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgresql_server() -> Iterator[Any]:
+    from tests import dbservers
+
+    reason = dbservers.available("postgresql")
+    if reason:
+        skip_or_fail(reason)
+    with dbservers.PostgreSQLServer() as server:
+        yield server
+
+
+def database_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
+    if backend == "sqlite":
+        return f"sqlite://{tmp_path}/policyd.sqlite"
+    server = request.getfixturevalue(f"{backend}_server")
+    return str(server.url)
+
+
+def unique_table() -> str:
+    # Each test gets its own table, so tests sharing one server never see each other's rows.
+    return f"events_t{os.getpid()}_{next(_table_numbers)}"
+
+
+@pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in BACKENDS])
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def database(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> tuple[str, str]:
+    """(URL, table) of an empty place to store events, on each backend."""
+    return database_url(request, backend, tmp_path), unique_table()
+
+
+@pytest.fixture
+async def storage(database: tuple[str, str]) -> AsyncIterator[Storage]:
+    url, table = database
+    store = create_storage(url, table)
+    await store.open()
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# ---------------------------------------------------------------------------
+# time, settings, the daemon
+# ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Time that moves only when a test says so (never slept)."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def make_settings(url: str, table: str = "events", **rule_changes: Any) -> Settings:
+    """Test settings: ephemeral port, given storage, rules overridden by keyword."""
+    settings_keys = {"db_timeout", "db_error_action", "socket", "retention"}
+    settings_changes = {key: rule_changes.pop(key) for key in list(rule_changes) if key in settings_keys}
+    rules = replace(QuotaRules(), **rule_changes)
+    return replace(Settings(), port=0, database=url, table=table, rules=rules, **settings_changes)
+
+
+class PolicyClient:
+    """A Postfix-like client: one persistent connection, one request at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, address: str) -> PolicyClient:
+        if address.startswith("unix:"):
+            reader, writer = await asyncio.open_unix_connection(address[5:])
+        else:
+            host, _, port = address.rpartition(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+        return cls(reader, writer)
+
+    async def ask(self, timeout: float = 5.0, **attributes: Any) -> str:
+        self.writer.write(encode_request(**attributes))
+        return await self.read_reply(timeout)
+
+    async def read_reply(self, timeout: float = 5.0) -> str:
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\n\n"), timeout)
+        text = raw.decode()
+        assert text.startswith("action="), text
+        return text[len("action=") : -2]
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def encode_request(**attributes: Any) -> bytes:
+    """A request as Postfix sends it at END-OF-MESSAGE, with attributes overridden."""
+    base: dict[str, Any] = {
+        "request": "smtpd_access_policy",
+        "protocol_state": "END-OF-MESSAGE",
+        "protocol_name": "ESMTP",
+        "client_address": "192.0.2.10",
+        "client_name": "client.example.net",
+        "helo_name": "client.example.net",
+        "sender": "alice@example.org",
+        "recipient": "",
+        "recipient_count": 1,
+        "queue_id": "4ABCDEF",
+        "sasl_method": "PLAIN",
+        "sasl_username": "alice",
+        "size": 1234,
+    }
+    base.update(attributes)
+    return "".join(f"{name}={value}\n" for name, value in base.items()).encode() + b"\n"
+
+
+class RunningDaemon:
+    def __init__(self, daemon: Daemon, task: asyncio.Task[None]) -> None:
+        self.daemon = daemon
+        self.task = task
+
+    @property
+    def address(self) -> str:
+        assert self.daemon.server is not None
+        return self.daemon.server.addresses[0]
+
+    async def client(self) -> PolicyClient:
+        return await PolicyClient.connect(self.address)
+
+    async def stop(self) -> None:
+        self.daemon.stopping.set()
+        await asyncio.wait_for(self.task, 15)
+
+
+@contextlib.asynccontextmanager
+async def run_daemon(
+    settings: Settings, clock: Callable[[], datetime] | None = None
+) -> AsyncIterator[RunningDaemon]:
+    """The real daemon, in-process, on an ephemeral port."""
+    daemon = Daemon(settings, config_path=None)
+    started = asyncio.Event()
+    task = asyncio.create_task(daemon.run(ready=lambda _: started.set()))
+    waiter = asyncio.create_task(started.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        task.result()  # raises what went wrong
+    assert waiter in done, "daemon did not start in 15s"
+    if clock is not None:
+        assert daemon.accountant is not None
+        daemon.accountant.clock = clock
+    running = RunningDaemon(daemon, task)
+    try:
+        yield running
+    finally:
+        if not task.done():
+            await running.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

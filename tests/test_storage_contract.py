@@ -1,0 +1,177 @@
+"""One contract, every backend: what the daemon and the CLI rely on from storage.
+
+Runs against real SQLite, and real MariaDB and PostgreSQL servers started by the test
+session (tests/dbservers.py).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from policyd.quota import Outcome
+from policyd.storage import Event, Storage, create_storage
+
+NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
+COUNTED = (Outcome.DUNNO, Outcome.HOLD)
+ALL = (Outcome.DUNNO, Outcome.HOLD, Outcome.REJECT)
+
+
+def event(
+    user: str, recipients: int, age: timedelta = timedelta(0), outcome: Outcome = Outcome.DUNNO
+) -> Event:
+    return Event(
+        ts=NOW - age,
+        sasl_username=user,
+        sender=f"{user}@example.org",
+        client_address="192.0.2.1",
+        recipient_count=recipients,
+        outcome=outcome,
+    )
+
+
+async def test_empty_table_sums_to_zero(storage: Storage) -> None:
+    assert await storage.recipients_since("nobody", NOW - timedelta(hours=24), COUNTED) == 0
+    assert await storage.count_events() == 0
+    assert await storage.top_senders(NOW - timedelta(hours=24), 10) == []
+
+
+async def test_sum_is_per_user_and_per_window(storage: Storage) -> None:
+    await storage.add_events(
+        [
+            event("alice", 10),
+            event("alice", 5, timedelta(hours=23, minutes=59)),
+            event("alice", 100, timedelta(hours=24, seconds=1)),  # just outside the window
+            event("bob", 7),
+        ]
+    )
+    since = NOW - timedelta(hours=24)
+    assert await storage.recipients_since("alice", since, COUNTED) == 15
+    assert await storage.recipients_since("bob", since, COUNTED) == 7
+    assert await storage.recipients_since("carol", since, COUNTED) == 0
+
+
+async def test_window_boundary_is_inclusive_to_the_millisecond(storage: Storage) -> None:
+    await storage.add_events([event("alice", 3, timedelta(hours=24))])
+    assert await storage.recipients_since("alice", NOW - timedelta(hours=24), COUNTED) == 3
+    later = NOW - timedelta(hours=24) + timedelta(milliseconds=1)
+    assert await storage.recipients_since("alice", later, COUNTED) == 0
+
+
+async def test_sum_counts_only_the_given_outcomes(storage: Storage) -> None:
+    await storage.add_events(
+        [event("alice", 1, outcome=Outcome.DUNNO), event("alice", 20, outcome=Outcome.HOLD)]
+        + [event("alice", 300, outcome=Outcome.REJECT)]
+    )
+    since = NOW - timedelta(hours=1)
+    assert await storage.recipients_since("alice", since, COUNTED) == 21
+    assert await storage.recipients_since("alice", since, ALL) == 321
+    assert await storage.recipients_since("alice", since, (Outcome.REJECT,)) == 300
+
+
+async def test_replayed_event_is_stored_once(storage: Storage) -> None:
+    first = event("alice", 4)
+    await storage.add_events([first])
+    await storage.add_events([first, event("alice", 1)])
+    assert await storage.count_events() == 2
+    assert await storage.recipients_since("alice", NOW - timedelta(hours=1), COUNTED) == 5
+
+
+async def test_same_user_same_millisecond_are_two_events(storage: Storage) -> None:
+    # go-policyd's primary key (ts, user, sender, ip) refused the second one.
+    await storage.add_events([event("alice", 1), event("alice", 1)])
+    assert await storage.recipients_since("alice", NOW - timedelta(hours=1), COUNTED) == 2
+
+
+async def test_batch_of_many_events(storage: Storage) -> None:
+    await storage.add_events([event(f"user{i % 50}", 1, timedelta(seconds=i)) for i in range(2000)])
+    assert await storage.count_events() == 2000
+    assert await storage.recipients_since("user7", NOW - timedelta(hours=1), COUNTED) == 40
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "o'brien",
+        'quote"double',
+        "back\\slash",
+        "semi;colon--",
+        "x' OR '1'='1",
+        "unicode-éß-名前",
+        "\\xff\\xfe escaped bytes",
+        "u" * 10_000,
+    ],
+)
+async def test_hostile_names_are_stored_verbatim(storage: Storage, name: str) -> None:
+    hostile = Event(
+        ts=NOW,
+        sasl_username=name,
+        sender=name + "@example.org",
+        client_address="2001:db8::1",
+        recipient_count=2,
+        outcome=Outcome.DUNNO,
+    )
+    await storage.add_events([hostile])
+    assert await storage.recipients_since(name, NOW - timedelta(hours=1), COUNTED) == 2
+    [top] = await storage.top_senders(NOW - timedelta(hours=1), 5)
+    assert top.sasl_username == name
+
+
+async def test_top_senders(storage: Storage) -> None:
+    await storage.add_events(
+        [
+            event("alice", 10),
+            event("alice", 1500, outcome=Outcome.HOLD),
+            event("alice", 3000, outcome=Outcome.REJECT),
+            event("bob", 50, timedelta(minutes=5)),
+            event("carol", 2, timedelta(hours=30)),  # outside the 24h window
+        ]
+    )
+    top = await storage.top_senders(NOW - timedelta(hours=24), 10)
+    assert [(s.sasl_username, s.recipients, s.messages, s.held, s.rejected) for s in top] == [
+        ("alice", 4510, 3, 1, 1),
+        ("bob", 50, 1, 0, 0),
+    ]
+    assert top[0].last_seen == NOW
+    assert top[1].last_seen == NOW - timedelta(minutes=5)
+    assert len(await storage.top_senders(NOW - timedelta(hours=24), 1)) == 1
+    assert {s.sasl_username for s in await storage.top_senders(NOW - timedelta(days=2), 10)} == {
+        "alice",
+        "bob",
+        "carol",
+    }
+
+
+async def test_purge_deletes_only_old_events_in_batches(storage: Storage) -> None:
+    await storage.add_events([event("old", 1, timedelta(days=8, seconds=i)) for i in range(120)])
+    await storage.add_events([event("new", 1, timedelta(days=6, seconds=i)) for i in range(30)])
+    deleted = await storage.purge(NOW - timedelta(days=7), batch_rows=25)
+    assert deleted == 120
+    assert await storage.count_events() == 30
+    assert await storage.purge(NOW - timedelta(days=7), batch_rows=25) == 0
+
+
+async def test_timestamps_round_trip_in_utc(storage: Storage) -> None:
+    local = datetime(2026, 3, 29, 2, 30, tzinfo=UTC).astimezone(
+        __import__("zoneinfo").ZoneInfo("Europe/Paris")
+    )  # the night clocks go forward: stored as UTC, no ambiguity
+    await storage.add_events([Event(local, "dst", "s", "192.0.2.1", 1, Outcome.DUNNO)])
+    [top] = await storage.top_senders(local - timedelta(minutes=1), 1)
+    assert top.last_seen == local.astimezone(UTC)
+
+
+async def test_migrate_is_idempotent_and_keeps_rows(database: tuple[str, str]) -> None:
+    url, table = database
+    store = create_storage(url, table)
+    await store.open()
+    try:
+        assert await store.pending_migrations() != []
+        first = await store.migrate()
+        assert first
+        assert await store.pending_migrations() == []
+        await store.add_events([event("alice", 3)])
+        assert await store.migrate() == []
+        assert await store.count_events() == 1
+    finally:
+        await store.close()
