@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -113,11 +114,33 @@ class FakeClock:
         self.now += timedelta(**delta)
 
 
-def make_settings(url: str, table: str = "events", **rule_changes: Any) -> Settings:
-    """Test settings: ephemeral port, given storage, rules overridden by keyword."""
-    settings_keys = {"db_timeout", "db_error_action", "socket", "retention"}
-    settings_changes = {key: rule_changes.pop(key) for key in list(rule_changes) if key in settings_keys}
-    rules = replace(QuotaRules(), **rule_changes)
+SETTINGS_KEYS = frozenset(
+    {
+        "db_timeout",
+        "db_retry",
+        "db_error_action",
+        "socket",
+        "retention",
+        "spool",
+        "spool_max_size",
+        "allowed_clients",
+        "max_connections",
+    }
+)
+
+
+def make_settings(url: str, table: str = "events", **changes: Any) -> Settings:
+    """Test settings: ephemeral port, given storage, settings and rules overridden by keyword.
+
+    The spool goes beside an SQLite file, or in a new temp dir for a server database.
+    """
+    settings_changes = {key: changes.pop(key) for key in list(changes) if key in SETTINGS_KEYS}
+    if "spool" not in settings_changes:
+        if url.startswith("sqlite://"):
+            settings_changes["spool"] = url[len("sqlite://") :] + ".spool"
+        else:
+            settings_changes["spool"] = os.path.join(tempfile.mkdtemp(prefix="policyd-spool-"), "spool")
+    rules = replace(QuotaRules(), **changes)
     return replace(Settings(), port=0, database=url, table=table, rules=rules, **settings_changes)
 
 

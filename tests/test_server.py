@@ -224,11 +224,11 @@ async def test_slow_request_and_idle_connection_time_out(
     assert "idle for 1s; closing the connection" in caplog.text
 
 
-async def test_database_locked_answers_in_time_and_logs_once(
+async def test_database_locked_answers_in_time_spools_and_replays(
     sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "policyd")
-    settings = make_settings(sqlite_url, db_timeout=0.2, quota=100)
+    settings = make_settings(sqlite_url, db_timeout=0.2, db_retry=0.3, quota=100)
     async with run_daemon(settings) as daemon:
         client = await daemon.client()
         assert await client.ask() == "DUNNO"
@@ -238,36 +238,43 @@ async def test_database_locked_answers_in_time_and_logs_once(
         try:
             for _ in range(10):
                 started = time.monotonic()
-                assert await client.ask(recipient_count=1) == "DUNNO"
+                assert await client.ask(recipient_count=10) in {"DUNNO", "HOLD quota exceeded"}
                 assert time.monotonic() - started < 1.0
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
-        await asyncio.sleep(0.5)
-        assert await client.ask() == "DUNNO"
+        # Back: the spooled events are replayed, and the quota saw every one of them.
+        deadline = time.monotonic() + 10
+        while await count_rows(sqlite_url) < 11:
+            assert time.monotonic() < deadline, "spool not replayed"
+            await asyncio.sleep(0.1)
+        assert await client.ask() == "HOLD quota exceeded"  # 1 + 10 x 10 + 1 > 100
         await client.close()
-    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
-    assert len(errors) == 1, [record.getMessage() for record in errors]
-    assert "database error" in errors[0].getMessage()
-    assert "database recovered" in caplog.text
+    assert await count_rows(sqlite_url) == 12
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("database unavailable")
+    assert "database is back after" in caplog.text
+    assert not Path(settings.spool).exists() or Path(settings.spool).stat().st_size == 0
 
 
-async def test_database_error_action_when_reads_fail(
+async def test_unknown_users_get_db_error_action_known_users_are_decided_from_memory(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = f"sqlite://{tmp_path}/policyd.sqlite"
-    settings = make_settings(url, db_error_action="DEFER_IF_PERMIT try later")
+    settings = make_settings(url, db_error_action="DEFER_IF_PERMIT try later", quota=10)
     caplog.set_level(logging.INFO, "policyd")
     async with run_daemon(settings) as daemon:
         client = await daemon.client()
-        assert await client.ask() == "DUNNO"
+        assert await client.ask(recipient_count=8) == "DUNNO"
         # The table disappears under the daemon (a restore gone wrong): reads now fail.
         with sqlite3.connect(tmp_path / "policyd.sqlite") as other:
             other.execute("DROP TABLE events")
-        answers = [await client.ask() for _ in range(5)]
+        assert await client.ask(sasl_username="bob") == "DEFER_IF_PERMIT try later"
+        assert await client.ask(recipient_count=1) == "DUNNO"  # alice: 8 + 1, from memory
+        assert await client.ask(recipient_count=1) == "HOLD quota exceeded"  # 10
         await client.close()
-    assert answers == ["DEFER_IF_PERMIT try later"] * 5
-    assert caplog.text.count("database error") == 1
+    assert caplog.text.count("database unavailable") == 1
 
 
 async def test_quota_survives_a_restart(sqlite_url: str) -> None:
@@ -288,7 +295,10 @@ async def test_quota_survives_a_restart(sqlite_url: str) -> None:
 
 
 def write_config(path: Path, port: int, database: str, quota: int) -> None:
-    path.write_text(f"bind = 127.0.0.1\nport = {port}\ndatabase = {database}\ndefaultquota = {quota}\n")
+    path.write_text(
+        f"bind = 127.0.0.1\nport = {port}\ndatabase = {database}\ndefaultquota = {quota}\n"
+        f"spool = {path.parent}/policyd.spool\n"
+    )
 
 
 def ask_blocking(port: int, **attributes: object) -> str:

@@ -61,8 +61,11 @@ async def test_window_boundary_is_inclusive_to_the_millisecond(storage: Storage)
 
 async def test_sum_counts_only_the_given_outcomes(storage: Storage) -> None:
     await storage.add_events(
-        [event("alice", 1, outcome=Outcome.DUNNO), event("alice", 20, outcome=Outcome.HOLD)]
-        + [event("alice", 300, outcome=Outcome.REJECT)]
+        [
+            event("alice", 1, outcome=Outcome.DUNNO),
+            event("alice", 20, outcome=Outcome.HOLD),
+            event("alice", 300, outcome=Outcome.REJECT),
+        ]
     )
     since = NOW - timedelta(hours=1)
     assert await storage.recipients_since("alice", since, COUNTED) == 21

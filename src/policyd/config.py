@@ -25,6 +25,12 @@ from policyd.storage.base import check_table_name
 
 DEFAULT_CONFIG_PATH = "/etc/postfix/policyd.cfg"
 DEFAULT_DATABASE = "sqlite:///var/lib/policyd/policyd.sqlite"
+DEFAULT_SPOOL = "/var/lib/policyd/policyd.spool"
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_ALLOWED_CLIENTS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
 
 _ACTION_WORDS = frozenset({"DUNNO", "HOLD", "DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT", "REJECT", "OK"})
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$")
@@ -54,7 +60,12 @@ class Settings:
     database: str = DEFAULT_DATABASE
     table: str = "events"
     db_timeout: float = 0.5
+    db_retry: float = 2.0
     db_error_action: str = "DUNNO"
+    spool: str = DEFAULT_SPOOL
+    spool_max_size: int = 256 * 1024 * 1024
+    allowed_clients: tuple[IPNetwork, ...] = DEFAULT_ALLOWED_CLIENTS
+    max_connections: int = 1000
     retention: timedelta = timedelta(days=7)
     log_level: str = "info"
     rules: QuotaRules = field(default_factory=QuotaRules)
@@ -72,7 +83,12 @@ class Settings:
             ("database", mask_url(self.database)),
             ("policy_table", self.table),
             ("db_timeout", _format_duration(timedelta(seconds=self.db_timeout))),
+            ("db_retry", _format_duration(timedelta(seconds=self.db_retry))),
             ("db_error_action", self.db_error_action),
+            ("spool", self.spool),
+            ("spool_max_size", _format_size(self.spool_max_size)),
+            ("allowed_clients", ", ".join(str(network) for network in self.allowed_clients)),
+            ("max_connections", str(self.max_connections)),
             ("defaultquota", str(rules.quota)),
             ("rejectquota", str(rules.reject_quota)),
             ("window", _format_duration(rules.window)),
@@ -164,6 +180,28 @@ def parse_database(text: str) -> str:
     return text
 
 
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)i?b?", text.strip().lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a size (like 512K, 100M, 1G; plain numbers are bytes)")
+    value = int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2)]
+    if value < 64 * 1024:
+        raise ValueError("a spool smaller than 64K could not hold even a short outage")
+    return value
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network (like 127.0.0.0/8)") from None
+    return tuple(networks)
+
+
 def parse_text(text: str) -> str:
     return text
 
@@ -204,7 +242,21 @@ KEYS: dict[str, tuple[Any, str]] = {
     "window": (parse_duration, "sliding window the quota applies to (default 24h)"),
     "retention": (parse_duration, "how long events are kept (default 7d)"),
     "db_timeout": (parse_duration, "longest wait on the database per request (default 0.5s)"),
-    "db_error_action": (parse_action, "answer when the database fails (default DUNNO)"),
+    "db_retry": (
+        parse_duration,
+        "after a database failure, how long to decide from memory before trying again (default 2s)",
+    ),
+    "db_error_action": (
+        parse_action,
+        "answer when the database fails and the user is unknown (default DUNNO)",
+    ),
+    "spool": (parse_text, f"file keeping events while the database is down (default {DEFAULT_SPOOL})"),
+    "spool_max_size": (parse_size, "largest the spool may grow (default 256M)"),
+    "allowed_clients": (parse_networks, "networks allowed to connect (default 127.0.0.0/8, ::1)"),
+    "max_connections": (
+        lambda text: parse_int(text, 1, 100000),
+        "most client connections at once (default 1000)",
+    ),
     "count_rejected": (parse_bool, "count rejected messages toward the quota (default no)"),
     "whitelist_hours": (
         parse_hours,
@@ -237,7 +289,8 @@ def parse_lines(
         key, separator, value = line.partition("=")
         key, value = key.strip().lower(), value.strip()
         if not separator:
-            problems.append(f"{where}: not 'key = value': {line[:60]!r}")
+            # The line itself is not echoed: it may be a mistyped password line.
+            problems.append(f"{where}: not 'key = value' (no '=' on this line)")
             continue
         if key in IGNORED_LEGACY_KEYS:
             warnings.append(f"{where}: {key} is ignored (policyd logs to syslog and needs no pid file)")
@@ -276,6 +329,8 @@ def legacy_mysql_url(values: dict[str, Any]) -> str:
     password = quote(str(values.get("dbpass", "")), safe="")
     credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
     host = values.get("dbhost", "localhost")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
     port = values.get("dbport", 3306)
     return f"mysql://{credentials}{host}:{port}/{quote(str(values.get('dbname', 'policyd')), safe='')}"
 
@@ -323,6 +378,11 @@ def settings_from_text(text: str, path: str) -> Settings:
         table=values.get("policy_table", defaults.table),
         db_timeout=values["db_timeout"].total_seconds() if "db_timeout" in values else defaults.db_timeout,
         db_error_action=values.get("db_error_action", defaults.db_error_action),
+        db_retry=values["db_retry"].total_seconds() if "db_retry" in values else defaults.db_retry,
+        spool=values.get("spool", defaults.spool),
+        spool_max_size=values.get("spool_max_size", defaults.spool_max_size),
+        allowed_clients=values.get("allowed_clients", defaults.allowed_clients),
+        max_connections=values.get("max_connections", defaults.max_connections),
         retention=values.get("retention", defaults.retention),
         log_level=values.get("log_level", defaults.log_level),
         rules=rules,
@@ -338,7 +398,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     except OSError as error:
         raise ConfigError([f"{name}: cannot read: {error.strerror or error}"]) from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # an editor's byte-order mark is not part of the first key
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise ConfigError([f"{name}:{line}: not valid UTF-8 text"]) from None
@@ -356,6 +416,13 @@ def _permission_warnings(path: str, settings: Settings) -> list[str]:
     if mode & stat.S_IROTH:
         return [f"{path}: holds a database password but is readable by everyone (chmod o-r {path})"]
     return []
+
+
+def _format_size(size: int) -> str:
+    for unit, factor in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
 
 
 def _format_duration(value: timedelta) -> str:

@@ -136,7 +136,10 @@ class RequestParser:
         unfinished_line = len(self._buffer) - self._line_start
         if unfinished_line > MAX_LINE_BYTES:
             raise LineTooLong(f"a line exceeds {MAX_LINE_BYTES} bytes without ending")
-        if len(self._buffer) > MAX_REQUEST_BYTES:
+        # A trailing newline may be the first half of the empty line that ends the request,
+        # so it is not part of the request yet: a request of exactly MAX_REQUEST_BYTES is
+        # accepted however it is split, as it is when it arrives whole.
+        if len(self._buffer) - self._buffer.endswith(b"\n") > MAX_REQUEST_BYTES:
             raise RequestTooLarge(f"request exceeds {MAX_REQUEST_BYTES} bytes without ending")
 
 

@@ -79,7 +79,10 @@ class HoursRange:
     end: time  # exclusive
 
     def contains(self, moment: datetime) -> bool:
-        return moment.weekday() in self.days and self.start <= moment.time() < self.end
+        now = moment.time()
+        # time.max stands for 24:00, the end of the day: no time of day is after it.
+        in_hours = self.start <= now and (now < self.end or self.end == time.max)
+        return moment.weekday() in self.days and in_hours
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +158,7 @@ def precheck(rules: QuotaRules, message: Message, local_now: datetime) -> Verdic
     if message.protocol_state not in COUNTING_STAGES:
         return Verdict("DUNNO", Outcome.DUNNO, record=False, reason="not a counting stage")
     if not message.sasl_username:
-        outcome = _outcome_of(rules.unauthenticated_action)
+        outcome = outcome_of_action(rules.unauthenticated_action)
         return Verdict(rules.unauthenticated_action, outcome, record=False, reason="unauthenticated")
     if rules.listed(rules.blacklist, message):
         return Verdict("HOLD blacklisted", Outcome.HOLD, record=False, reason="blacklisted")
@@ -180,7 +183,8 @@ def counted_outcomes(rules: QuotaRules) -> tuple[Outcome, ...]:
     return (Outcome.DUNNO, Outcome.HOLD)
 
 
-def _outcome_of(action: str) -> Outcome:
+def outcome_of_action(action: str) -> Outcome:
+    """How a configured action (db_error_action, ...) is recorded: was the message sent?"""
     word = action.split(None, 1)[0].upper() if action.strip() else "DUNNO"
     if word in {"HOLD"}:
         return Outcome.HOLD

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -34,8 +35,9 @@ IDLE_TIMEOUT_SECONDS = 600.0
 REQUEST_TIMEOUT_SECONDS = 30.0
 # A client that does not read its replies must not pin buffers forever.
 WRITE_TIMEOUT_SECONDS = 30.0
-# Each smtpd process holds one connection; default_process_limit is 100 per service.
-MAX_CONNECTIONS = 1000
+# A Postfix smtpd process serves at most max_use (100) SMTP sessions before it exits,
+# so no real connection comes near this; it only bounds what one client can make us do.
+MAX_REQUESTS_PER_CONNECTION = 1_000_000
 # After SIGTERM, how long requests in flight and queued writes get to finish.
 SHUTDOWN_GRACE_SECONDS = 10.0
 # How often old events are purged (and once at start).
@@ -52,6 +54,7 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.busy = False  # answering a request right now (shutdown lets it finish)
+        self.answered = 0
         self.peer = _peer_name(writer)
 
     async def serve(self) -> None:
@@ -92,7 +95,15 @@ class Connection:
                         await writer.drain()
                     self.busy = False
                     self.server.requests += len(requests)
+                    self.answered += len(requests)
                     if self.server.closing:
+                        return
+                    if self.answered >= MAX_REQUESTS_PER_CONNECTION:
+                        log.warning(
+                            "client %s: %d requests on one connection, the limit; closing it",
+                            self.peer,
+                            self.answered,
+                        )
                         return
                 if parser.pending_bytes and (requests or not had_pending):
                     request_deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
@@ -165,18 +176,15 @@ class PolicyServer:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if len(self.connections) >= MAX_CONNECTIONS:
-            self.refused_connections += 1
-            now = time.monotonic()
-            if now - self._last_refusal_log > 10:
-                self._last_refusal_log = now
-                log.error(
-                    "refusing connections: %d open, the limit is %d (%d refused so far)",
-                    len(self.connections),
-                    MAX_CONNECTIONS,
-                    self.refused_connections,
-                )
-            writer.close()
+            peer_ip = writer.get_extra_info("peername")[0]
+            if not self._allowed(peer_ip):
+                self._refuse(writer, f"connection from {peer_ip} refused: not in allowed_clients")
+                return
+        if len(self.connections) >= self.settings.max_connections:
+            self._refuse(
+                writer,
+                f"connection refused: {len(self.connections)} open, max_connections is {self.settings.max_connections}",
+            )
             return
         connection = Connection(self, reader, writer)
         task = asyncio.current_task()
@@ -190,6 +198,24 @@ class PolicyServer:
             pass
         finally:
             self.connections.pop(task, None)
+
+    def _allowed(self, peer_ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.settings.allowed_clients)
+
+    def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        """Close at once; log the first refusal and then at most one line per 10s."""
+        self.refused_connections += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log > 10:
+            self._last_refusal_log = now
+            log.warning("%s (%d refused so far)", reason, self.refused_connections)
+        writer.close()
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, let requests in flight finish (bounded), close the rest."""
@@ -233,23 +259,14 @@ async def purge_old_events(storage: Storage, retention: timedelta) -> int:
     return deleted
 
 
-async def _purge_every_day(storage: Storage, accountant: Accountant) -> None:
+async def _purge_every_day(storage: Storage, accountant: Accountant, connected: asyncio.Task[None]) -> None:
+    await connected
     while True:
         try:
             await purge_old_events(storage, accountant.settings.retention)
         except StorageError as error:
             log.error("purge failed: %s (will try again in %s)", describe_error(error), PURGE_INTERVAL)
         await asyncio.sleep(PURGE_INTERVAL.total_seconds())
-
-
-async def open_storage(settings: Settings, migrate: bool = True) -> Storage:
-    """Open the configured storage and bring its schema up to date."""
-    storage = create_storage(settings.database, settings.table)
-    await storage.open()
-    if migrate:
-        for step in await storage.migrate():
-            log.info("schema: %s", step)
-    return storage
 
 
 class Daemon:
@@ -263,10 +280,16 @@ class Daemon:
         self.accountant: Accountant | None = None
 
     async def run(self, ready: Callable[[Daemon], None] | None = None) -> None:
-        storage = await open_storage(self.settings)
+        storage = create_storage(self.settings.database, self.settings.table)
+        connect_task = asyncio.create_task(self._connect(storage), name="policyd-connect")
+        # A database that is down at start does not stop the daemon: it answers from the
+        # spool and memory until the database is reachable (connect() keeps trying).
+        await asyncio.wait({connect_task}, timeout=max(self.settings.db_timeout, 3.0))
         accountant = self.accountant = Accountant(storage, self.settings)
         await accountant.start()
-        purge_task = asyncio.create_task(_purge_every_day(storage, accountant), name="policyd-purge")
+        purge_task = asyncio.create_task(
+            _purge_every_day(storage, accountant, connect_task), name="policyd-purge"
+        )
         server = self.server = PolicyServer(self.settings, accountant)
         try:
             await server.start()
@@ -287,9 +310,31 @@ class Daemon:
         finally:
             await server.stop()
             purge_task.cancel()
+            connect_task.cancel()
             await accountant.close()
             await storage.close()
             log.info("stopped")
+
+    async def _connect(self, storage: Storage) -> None:
+        """Open storage and bring its schema up to date, retrying until it works."""
+        failures = 0
+        while True:
+            try:
+                await storage.open()
+                for step in await storage.migrate():
+                    log.info("schema: %s", step)
+            except StorageError as error:
+                failures += 1
+                if failures == 1:
+                    log.error(
+                        "cannot open the database (%s); retrying every %gs", error, self.settings.db_retry
+                    )
+                await storage.close()
+                await asyncio.sleep(self.settings.db_retry)
+                continue
+            if failures:
+                log.warning("database opened after %d failed attempts", failures)
+            return
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -317,7 +362,10 @@ class Daemon:
         ):
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed, it takes effect only after a restart", reason)
-        self.settings = self.accountant.settings = new
+        self.settings = new
+        self.accountant.reload(new)
+        if self.server is not None:
+            self.server.settings = new  # allowed_clients, max_connections
         set_level(new.log_level)
         for warning in new.warnings:
             log.warning("%s", warning)

@@ -7,7 +7,7 @@ install needs none of the MariaDB/PostgreSQL drivers.
 from __future__ import annotations
 
 import importlib
-from urllib.parse import urlsplit
+import re
 
 from policyd.storage.base import Event, SenderStats, Storage, StorageError
 
@@ -48,8 +48,9 @@ def create_storage(url: str, table: str = "events") -> Storage:
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ***, for logs and check-config."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    # Not urlsplit: a password with an unescaped '#', '?' or '/' would fool it and be
+    # printed whole.  Everything between "user:" and the last '@' is the password.
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:)(.*)(@[^@]*)$", url, re.DOTALL)
+    if match is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return f"{match.group(1)}***{match.group(3)}"
