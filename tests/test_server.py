@@ -391,3 +391,32 @@ def test_serve_reports_a_busy_port(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
+
+
+def test_serve_tells_systemd_ready_status_and_stopping(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "policyd.cfg"
+    write_config(config, port, f"sqlite://{tmp_path}/db.sqlite", quota=100)
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_socket:
+        notify_socket.bind(str(notify_path))
+        notify_socket.settimeout(15)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"],
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+        )
+        try:
+            first = notify_socket.recv(4096).decode()
+            assert first.startswith("READY=1\nSTATUS=0 requests"), first
+            wait_for_port(port, process)
+            process.send_signal(signal.SIGTERM)
+            messages = []
+            while "STOPPING=1" not in messages:
+                messages.append(notify_socket.recv(4096).decode())
+            assert process.wait(timeout=15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert any(message.startswith("STATUS=") and "database ok" in message for message in messages)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from policyd import __version__
+from policyd import __version__, systemd
 from policyd.accounting import Accountant, describe_error, utc_now
 from policyd.config import ConfigError, Settings, load_settings
 from policyd.logs import log, set_level
@@ -40,6 +40,8 @@ WRITE_TIMEOUT_SECONDS = 30.0
 MAX_REQUESTS_PER_CONNECTION = 1_000_000
 # After SIGTERM, how long requests in flight and queued writes get to finish.
 SHUTDOWN_GRACE_SECONDS = 10.0
+# How often `systemctl status` gets fresh counters.
+STATUS_INTERVAL_SECONDS = 10.0
 # How often old events are purged (and once at start).
 PURGE_INTERVAL = timedelta(days=1)
 
@@ -291,6 +293,7 @@ class Daemon:
             _purge_every_day(storage, accountant, connect_task), name="policyd-purge"
         )
         server = self.server = PolicyServer(self.settings, accountant)
+        watchdog_task: asyncio.Task[None] | None = None
         try:
             await server.start()
             self._install_signal_handlers()
@@ -303,17 +306,43 @@ class Daemon:
                 _window_text(self.settings.rules.window),
                 self.settings.rules.reject_quota,
             )
+            systemd.ready(self.status_line())
+            watchdog_task = asyncio.create_task(self._report_to_systemd(), name="policyd-systemd")
             if ready is not None:
                 ready(self)
             await self.stopping.wait()
+            systemd.stopping()
             log.info("stopping: %d requests answered", server.requests)
         finally:
             await server.stop()
             purge_task.cancel()
+            if watchdog_task is not None:
+                watchdog_task.cancel()
             connect_task.cancel()
             await accountant.close()
             await storage.close()
             log.info("stopped")
+
+    def status_line(self) -> str:
+        """One line of live counters, shown by `systemctl status policyd`."""
+        if self.server is None or self.accountant is None:
+            return "starting"
+        decisions = self.accountant.decisions
+        outage = self.accountant.outage
+        database = "database unavailable, deciding from memory" if outage.active else "database ok"
+        return (
+            f"{self.server.requests} requests: {decisions['DUNNO']} dunno, {decisions['HOLD']} held, "
+            f"{decisions['REJECT']} rejected; {len(self.server.connections)} connections; {database}; "
+            f"spool {self.accountant.writer.spool.pending_bytes} bytes"
+        )
+
+    async def _report_to_systemd(self) -> None:
+        """Watchdog pings (when systemd asks for them) and the status line, while running."""
+        interval = systemd.watchdog_interval() or STATUS_INTERVAL_SECONDS
+        while True:
+            systemd.watchdog_ping()
+            systemd.status(self.status_line())
+            await asyncio.sleep(min(interval, STATUS_INTERVAL_SECONDS))
 
     async def _connect(self, storage: Storage) -> None:
         """Open storage and bring its schema up to date, retrying until it works."""
