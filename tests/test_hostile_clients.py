@@ -122,7 +122,7 @@ LINE = st.one_of(
 GARBAGE = st.one_of(
     st.binary(max_size=2000),
     st.lists(LINE, max_size=20).map(lambda lines: b"\n".join(lines) + b"\n\n"),
-    st.lists(LINE, max_size=20).map(lambda lines: b"\n".join(lines)),  # half a request
+    st.lists(LINE, max_size=20).map(b"\n".join),  # half a request
 )
 
 
