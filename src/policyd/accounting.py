@@ -223,7 +223,8 @@ class EventWriter:
             # stop waiting; the spooled copy is then skipped on replay (same event_id).
             attempt = asyncio.ensure_future(self.storage.add_events(events))
             try:
-                await asyncio.wait_for(asyncio.shield(attempt), self.settings.db_timeout)
+                async with asyncio.timeout(self.settings.db_timeout):
+                    await asyncio.shield(attempt)
             except (StorageError, TimeoutError) as error:
                 attempt.add_done_callback(_ignore_result)
                 self.outage.failed(error, str(self.spool.path))
@@ -263,7 +264,8 @@ class EventWriter:
             batch = await asyncio.to_thread(self.spool.read_batch, MAX_BATCH_EVENTS)
         try:
             # Replay gets more time than a live request: nobody is waiting on it.
-            await asyncio.wait_for(self.storage.add_events(batch.events), max(self.settings.db_timeout, 5.0))
+            async with asyncio.timeout(max(self.settings.db_timeout, 5.0)):
+                await self.storage.add_events(batch.events)
         except (StorageError, TimeoutError) as error:
             self.outage.failed(error, str(self.spool.path))
             return
@@ -353,10 +355,11 @@ class Accountant:
         """The user's counted recipients in the window before this message, or None if unknown."""
         if self.outage.should_try():
             try:
-                in_database = await asyncio.wait_for(
-                    self.storage.recipients_since(user, now - rules.window, counted_outcomes(rules)),
-                    settings.db_timeout,
-                )
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                async with asyncio.timeout(settings.db_timeout):
+                    in_database = await self.storage.recipients_since(
+                        user, now - rules.window, counted_outcomes(rules)
+                    )
             except (StorageError, TimeoutError) as error:
                 self.outage.failed(error, str(self.writer.spool.path))
             else:

@@ -1,0 +1,1006 @@
+"""MariaDB / MySQL backend (aiomysql): MariaDB >= 10.3 and MySQL >= 8.0.13.
+
+``mysql://user:password@host:3306/dbname`` (or ``mariadb://``); user and password are
+URL-decoded, the port defaults to 3306; ``?unix_socket=/run/mysqld/mysqld.sock`` connects
+over a unix socket instead of TCP and ``?charset=utf8mb4`` is accepted (utf8mb4 is the
+only charset that holds every name, so it is the only one allowed).
+
+One clock: UTC
+--------------
+Every session runs ``SET time_zone = '+00:00'``.  ``ts`` is a DATETIME(3) holding UTC;
+the 24h window is computed by the daemon from its own clock (the ``since`` passed in,
+timezone-aware, converted to UTC here) and compared with ``ts`` as is.  Neither the
+server's time zone nor the relays' matter, so relays in different time zones share one
+table and a DST change neither doubles nor drops an hour of the window.  Timestamps are
+cut to the millisecond in Python (as the SQLite backend does), so MariaDB (which
+truncates extra digits) and MySQL (which rounds them) store the same value.
+
+Connections and reconnecting
+----------------------------
+A small aiomysql pool (1 to 4 connections, 3 s connect timeout) in autocommit mode:
+each read is one statement with nothing to commit, so no pooled connection ever holds a
+REPEATABLE READ snapshot from an earlier request (which would freeze the sums it reads);
+writes that take several statements run between an explicit BEGIN and COMMIT.  Every
+session also sets a strict ``sql_mode`` (``STRICT_ALL_TABLES``): a value that does not
+fit is an error, never silently truncated.
+
+A connection that failed in any way is closed, never handed out again.  A "connection is
+broken" error (2006 gone away, 2013 lost, 1927 killed, 1053 shutdown, 4031 idle timeout,
+1047 Galera node not ready, socket errors) also retires every pooled connection opened
+before it: after a server restart or a failover to another Galera node behind the same
+address they are all stale, and the next call opens a fresh one.  A call that failed
+that way on a connection it had already got is retried once on a fresh connection when
+that is safe: reads, purge batches, and add_events (idempotent on event_id, so a batch
+whose COMMIT may or may not have landed is simply written again).  Galera certification
+failures (1213) are retried the same way.  migrate() is never retried.  If the server is
+down the call fails at once (connection refused) or after the 3 s connect timeout, as a
+StorageError; nothing needs restarting when it comes back.
+
+Schema (created or upgraded in place by migrate())
+----------------------------------------------------
+::
+
+    id              BIGINT UNSIGNED AUTO_INCREMENT PRIMARY KEY
+    ts              DATETIME(3) NOT NULL DEFAULT (UTC_TIMESTAMP(3))         -- UTC
+    sasl_username   TEXT utf8mb4_bin NOT NULL                               -- verbatim
+    sender          TEXT utf8mb4_bin NOT NULL
+    client_address  TEXT utf8mb4_bin NOT NULL
+    recipient_count INT NOT NULL DEFAULT 0
+    action          VARCHAR(16) NOT NULL DEFAULT 'DUNNO'                    -- DUNNO/HOLD/REJECT
+    event_id        CHAR(32) ascii NULL, UNIQUE                              -- idempotent writes
+    user_key        VARCHAR(250) AS (sasl_username if <= 200 characters, else its first
+                    180 characters + '#' + SHA-256 hex) STORED
+    INDEX user_ts (user_key, ts, action, recipient_count)                   -- covers the sum
+    INDEX ts (ts)                                                           -- purge, top
+
+Names of any length are stored verbatim in TEXT columns (the policy protocol caps a
+line at 16 KiB, TEXT holds 64 KiB; anything longer is refused, not cut).  TEXT cannot be
+indexed whole, so the sum goes through ``user_key``: the name itself for every real
+name, a collision-free digest for absurdly long ones.  The per-request sum is then one
+range scan of ``user_ts`` that never touches the table rows.  utf8mb4_bin compares
+names exactly (the daemon lowercases SASL names before they get here).
+
+Drop-in on a go-policyd table
+-----------------------------
+go-policyd's table (``ts`` TIMESTAMP or DATETIME, char(8)/char(80) latin1 columns, a
+primary key on (ts, sasl_username, sender[, client_address]), no action column) is used
+as it is from the first request: open() notices the missing ``action`` column and reads
+with queries that count every old row as DUNNO (a NULL recipient_count as 0).  A
+TIMESTAMP ``ts`` already reads as UTC in our sessions; a DATETIME ``ts`` holds the
+server's local time (go-policyd wrote NOW() in a session of the server's default time
+zone), so the window bounds are converted with ``CONVERT_TZ(?, '+00:00',
+@@global.time_zone)``.  add_events() refuses to write into such a table (it cannot
+record what it needs to) until ``policyd migrate`` has run; the daemon migrates at start.
+
+migrate() upgrades the table in place, keeping every row:
+
+1. only if ``ts`` is a DATETIME (local time): ``ALTER TABLE .. MODIFY ts TIMESTAMP(3)``
+   run with the session time zone set to ``@@global.time_zone``.  The server converts
+   each value from that zone to UTC itself, with the same rules (DST included) it used
+   when go-policyd wrote NOW(); an ambiguous local hour at the autumn change is resolved
+   the server's way.  Being a change of type, the step cannot be applied twice.
+2. only if ``recipient_count`` is nullable: ``UPDATE .. SET recipient_count = 0 WHERE
+   recipient_count IS NULL`` (strict mode would refuse NOT NULL otherwise).
+3. one ``ALTER TABLE`` (one table rebuild) that adds ``id`` as the new primary key in
+   place of go-policyd's composite key (which refused two messages of a user in the same
+   millisecond), turns ``ts`` into DATETIME(3) (UTC: converted from TIMESTAMP in our
+   +00:00 session) without go-policyd's ON UPDATE clause, widens the three text columns
+   to TEXT utf8mb4, makes recipient_count NOT NULL DEFAULT 0, adds ``action`` (existing
+   rows get 'DUNNO'), ``event_id`` and ``user_key``, the three indexes, utf8mb4 as the
+   table default and, when needed, InnoDB and ROW_FORMAT=DYNAMIC.
+
+Every step is planned from information_schema, so migrate() is idempotent and
+``pending_migrations()`` lists exactly what it would do.  A named lock (GET_LOCK) keeps
+two processes from migrating at once.  On Galera the ALTER runs in total order isolation
+(every node waits for it): migrate a big table at a quiet time.
+
+go-policyd after the migration: it can still write.  Its INSERT
+(``INSERT INTO events SET sasl_username=?, sender=?, client_address=?,
+recipient_count=?``) names none of the new columns: ``id`` is generated, ``action``
+defaults to 'DUNNO', ``event_id`` to NULL, ``user_key`` is computed, and ``ts`` defaults
+to UTC_TIMESTAMP(3), which is UTC whatever go-policyd's session time zone, so the row
+counts correctly for policyd.  go-policyd's own sum (``ts > DATE_SUB(CURRENT_TIMESTAMP(3),
+INTERVAL 1 DAY)``) compares with its session's local time: exact when the server runs in
+UTC, otherwise its window is off by the UTC offset until it is retired.  Versions of
+go-policyd that wrote ``ts=now()`` explicitly write local time and should be stopped
+before migrating on a server that is not in UTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiomysql
+
+from policyd.logs import log
+from policyd.quota import Outcome
+from policyd.storage.base import PURGE_BATCH_ROWS, Event, SenderStats, Storage, StorageError, utc
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 3306
+POOL_MIN = 1
+POOL_MAX = 4
+CONNECT_TIMEOUT_SECONDS = 3.0
+# Backstop for one operation (reads, a write batch, a purge batch) when the caller sets
+# no tighter bound (the daemon does: db_timeout).  migrate() has none: an ALTER of a big
+# table may take minutes.
+OPERATION_TIMEOUT_SECONDS = 30.0
+# Connections idle longer than this are replaced rather than trusted (firewalls and
+# proxies drop idle connections silently; the server's wait_timeout is 8 h by default).
+POOL_RECYCLE_SECONDS = 600
+# How long migrate() waits for another process that is migrating the same table.
+MIGRATE_LOCK_SECONDS = 60
+
+SESSION_SQL = "SET time_zone = '+00:00', sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'"
+
+# user_key: the name itself when it is at most USER_KEY_VERBATIM characters, else its
+# first USER_KEY_PREFIX characters + '#' + 64 hex digits of SHA-256 (245 characters: no
+# verbatim name is that long, so the two kinds never collide).
+USER_KEY_VERBATIM = 200
+USER_KEY_PREFIX = 180
+USER_KEY_LENGTH = 250
+# Stored as the column comment: a different definition one day means a different comment,
+# which migrate() notices.
+USER_KEY_COMMENT = (
+    f"policyd v1: sasl_username if <= {USER_KEY_VERBATIM} chars, "
+    f"else first {USER_KEY_PREFIX} + # + sha256 hex"
+)
+
+_TEXT = "TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
+
+# MySQL error codes that mean the connection is unusable (client 2xxx and server ones).
+_BROKEN_CONNECTION_CODES = frozenset(
+    {
+        1047,  # WSREP has not yet prepared node for application use (Galera)
+        1053,  # server shutdown in progress
+        1927,  # connection was killed (MariaDB)
+        2006,  # MySQL server has gone away
+        2013,  # lost connection to MySQL server during query
+        2055,  # lost connection to MySQL server at '...'
+        4031,  # disconnected by the server because of inactivity (MySQL 8)
+    }
+)
+_RETRYABLE_CODES = frozenset({1213})  # deadlock; Galera reports certification failures so
+_SCHEMA_CHANGED_CODES = frozenset({1054, 1146})  # unknown column, no such table
+_CANNOT_CONNECT_CODES = frozenset({2002, 2003, 2005})
+
+
+def _user_key_sql(operand: str) -> str:
+    """user_key of `operand` (a column or a placeholder): one definition for the column
+    and for the queries, so the two always agree."""
+    return (
+        f"IF(CHAR_LENGTH({operand}) <= {USER_KEY_VERBATIM}, {operand}, "
+        f"CONCAT(LEFT({operand}, {USER_KEY_PREFIX}), '#', SHA2({operand}, 256)))"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    """A wanted column, and how information_schema shows it when it is right."""
+
+    name: str
+    definition: str
+    data_type: str
+    nullable: bool | None = False  # None: not checked (generated columns)
+    charset: str | None = None
+    collation: str | None = None
+    length: int | None = None  # CHARACTER_MAXIMUM_LENGTH
+    precision: int | None = None  # DATETIME_PRECISION
+    default: str | None = None  # normalised (see _normal_default)
+    unsigned: bool = False
+    extra_needs: tuple[str, ...] = ()
+    extra_forbids: tuple[str, ...] = ()
+    comment: str = ""
+
+
+_COLUMNS: tuple[_Column, ...] = (
+    _Column(
+        "id",
+        "BIGINT UNSIGNED NOT NULL AUTO_INCREMENT",
+        "bigint",
+        unsigned=True,
+        extra_needs=("auto_increment",),
+    ),
+    _Column(
+        "ts",
+        "DATETIME(3) NOT NULL DEFAULT (UTC_TIMESTAMP(3))",
+        "datetime",
+        precision=3,
+        default="utc_timestamp(3)",
+        extra_forbids=("on update",),
+    ),
+    _Column("sasl_username", _TEXT, "text", charset="utf8mb4", collation="utf8mb4_bin"),
+    _Column("sender", _TEXT, "text", charset="utf8mb4", collation="utf8mb4_bin"),
+    _Column("client_address", _TEXT, "text", charset="utf8mb4", collation="utf8mb4_bin"),
+    _Column("recipient_count", "INT NOT NULL DEFAULT 0", "int", default="0"),
+    _Column(
+        "action",
+        "VARCHAR(16) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL DEFAULT 'DUNNO'",
+        "varchar",
+        charset="utf8mb4",
+        collation="utf8mb4_bin",
+        length=16,
+        default="dunno",
+    ),
+    _Column(
+        "event_id",
+        "CHAR(32) CHARACTER SET ascii COLLATE ascii_bin NULL DEFAULT NULL",
+        "char",
+        nullable=True,
+        charset="ascii",
+        collation="ascii_bin",
+        length=32,
+    ),
+    _Column(
+        "user_key",
+        f"VARCHAR({USER_KEY_LENGTH}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin "
+        f"AS ({_user_key_sql('`sasl_username`')}) STORED COMMENT '{USER_KEY_COMMENT}'",
+        "varchar",
+        nullable=None,
+        charset="utf8mb4",
+        collation="utf8mb4_bin",
+        length=USER_KEY_LENGTH,
+        extra_needs=("generated",),
+        comment=USER_KEY_COMMENT,
+    ),
+)
+_TEXT_COLUMNS = frozenset(column.name for column in _COLUMNS if column.data_type == "text")
+
+_PRIMARY_KEY = ("id",)
+# name -> (unique, columns)
+_INDEXES: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "event_id": (True, ("event_id",)),
+    "user_ts": (False, ("user_key", "ts", "action", "recipient_count")),
+    "ts": (False, ("ts",)),
+}
+_TABLE_COLLATION = "utf8mb4_bin"
+_GOOD_ROW_FORMATS = frozenset({"dynamic", "compressed"})
+
+
+def _q(name: str) -> str:
+    return f"`{name}`"
+
+
+def _text(value: Any) -> str:
+    """information_schema values come back as bytes on some servers."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _normal_default(value: Any) -> str | None:
+    """COLUMN_DEFAULT as MariaDB ('DUNNO', utc_timestamp(3), NULL) or MySQL (DUNNO,
+    utc_timestamp(3), None) shows it, reduced to one spelling."""
+    if value is None:
+        return None
+    text = _text(value).strip()
+    if text.upper() == "NULL":
+        return None
+    while text.startswith("(") and text.endswith(")"):
+        text = text[1:-1].strip()
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1].lower()
+    return re.sub(r"[\s`]", "", text).lower()  # an expression: spacing and quoting vary
+
+
+def format_ts(moment: datetime) -> str:
+    """UTC, cut to the millisecond: what DATETIME(3) holds, on MariaDB and MySQL alike."""
+    return utc(moment).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _as_utc(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return datetime.strptime(_text(value)[:23].ljust(23, "0"), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
+
+
+def _int(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, Decimal | int | float):
+        return int(value)
+    return int(_text(value))
+
+
+@dataclass(frozen=True, slots=True)
+class _ColumnInfo:
+    data_type: str
+    column_type: str
+    charset: str
+    collation: str
+    nullable: bool
+    default: str | None
+    extra: str
+    precision: int | None
+    length: int | None
+    comment: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """What the table looks like, as far as the queries care."""
+
+    columns: dict[str, _ColumnInfo] = field(default_factory=dict)
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.columns)
+
+    @property
+    def go_policyd(self) -> bool:
+        """go-policyd's table, not migrated yet: no action column."""
+        return self.exists and "action" not in self.columns
+
+    @property
+    def local_ts(self) -> bool:
+        """ts holds the server's local time (go-policyd's DATETIME), not UTC."""
+        ts = self.columns.get("ts")
+        return self.go_policyd and ts is not None and ts.data_type == "datetime"
+
+    @property
+    def has_user_key(self) -> bool:
+        return "user_key" in self.columns or not self.exists
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    descriptions: list[str]
+    statement: str
+    # Session time zone to run the statement in (None: ours, +00:00).
+    time_zone: str | None = None
+
+
+def _parse_url(url: str) -> dict[str, Any]:
+    """The connection settings of a mysql:// URL (never echoes the URL: it has a password)."""
+    scheme, _, _ = url.partition("://")
+    if scheme.split("+", 1)[0].lower() not in {"mysql", "mariadb"}:
+        raise ValueError("not a mysql:// or mariadb:// URL")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"bad mysql:// URL: {error}") from None
+    query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+    unknown = sorted(set(query) - {"unix_socket", "charset"})
+    if unknown:
+        raise ValueError(f"mysql:// URL: unknown option {unknown[0]!r} (known: unix_socket, charset)")
+    for name, values in query.items():
+        if len(values) != 1 or not values[0]:
+            raise ValueError(f"mysql:// URL: option {name!r} needs exactly one value")
+    unix_socket = query.get("unix_socket", [None])[0]
+    charset = query.get("charset", ["utf8mb4"])[0] or "utf8mb4"
+    if charset.lower() != "utf8mb4":
+        raise ValueError(
+            f"mysql:// URL: charset must be utf8mb4 (the only one that holds every name), not {charset!r}"
+        )
+    if parts.fragment:
+        raise ValueError("mysql:// URL: unexpected #fragment")
+    host = parts.hostname or ""
+    if not host and not unix_socket:
+        raise ValueError("mysql:// URL without a host (want mysql://user:password@host:3306/dbname)")
+    if unix_socket is not None and not unix_socket.startswith("/"):
+        raise ValueError("mysql:// URL: unix_socket must be an absolute path")
+    database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if not database or "/" in database:
+        raise ValueError("mysql:// URL without a database name (want mysql://user:password@host:3306/dbname)")
+    if len(database) > 64 or "`" in database or "\x00" in database:
+        raise ValueError("mysql:// URL: database name must be at most 64 characters, without backquotes")
+    # No user: the driver logs in as the OS user, as the mysql client does (go-policyd
+    # files without dbuser become such URLs).
+    user = unquote(parts.username) if parts.username is not None else ""
+    password = unquote(parts.password) if parts.password is not None else ""
+    return {
+        "host": host or "localhost",
+        "port": port if port is not None else DEFAULT_PORT,
+        "user": user,
+        "password": password,
+        "database": database,
+        "unix_socket": unix_socket,
+        "scheme": scheme.lower(),
+    }
+
+
+class MySQLStorage(Storage):
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        database: str,
+        unix_socket: str | None = None,
+        table: str = "events",
+        scheme: str = "mysql",
+    ) -> None:
+        super().__init__(table)
+        self.host = host
+        self.port = port
+        self.user = user
+        self._password = password
+        self.database = database
+        self.unix_socket = unix_socket
+        self.scheme = scheme
+        self._pool: Any = None
+        self._slots = asyncio.Semaphore(POOL_MAX)
+        self._layout: _Layout | None = None
+        # Loop time of the last "connection is broken" error: pooled connections opened
+        # before it are not trusted any more.
+        self._broken_at = float("-inf")
+        # Calls that failed on a stale connection and were retried on a fresh one.
+        self.retries = 0
+
+    @classmethod
+    def from_url(cls, url: str, table: str) -> MySQLStorage:
+        return cls(table=table, **_parse_url(url))
+
+    @property
+    def description(self) -> str:
+        where = f"{self.host}:{self.port}" if self.unix_socket is None else "localhost"
+        socket = f"?unix_socket={self.unix_socket}" if self.unix_socket else ""
+        user = f"{self.user}@" if self.user else ""
+        return f"{self.scheme}://{user}{where}/{self.database}{socket} table {self.table}"
+
+    @property
+    def _where(self) -> str:
+        where = self.unix_socket or f"{self.host}:{self.port}"
+        return f"mysql {where}/{self.database}"
+
+    # ------------------------------------------------------------------
+    # connections
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        settings: dict[str, Any] = {
+            "user": self.user or None,
+            "password": self._password,
+            "db": self.database,
+            "charset": "utf8mb4",
+            "autocommit": True,
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "init_command": SESSION_SQL,
+        }
+        if self.unix_socket:
+            settings["unix_socket"] = self.unix_socket
+        else:
+            settings["host"] = self.host
+            settings["port"] = self.port
+        try:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that arrives as the awaited thing finishes.
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS * 2):
+                self._pool = await aiomysql.create_pool(
+                    minsize=POOL_MIN, maxsize=POOL_MAX, pool_recycle=POOL_RECYCLE_SECONDS, **settings
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise self._error("connecting", error) from error
+        try:
+            self._layout = await self._run("reading the schema", self._read_layout, retry_safe=True)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            # Say goodbye to idle connections (COM_QUIT), so the server logs no aborted ones.
+            async with asyncio.timeout(2):
+                await pool.clear()
+        except Exception:
+            pass
+        pool.close()
+        try:
+            async with asyncio.timeout(5):
+                await pool.wait_closed()
+        except Exception:
+            pool.terminate()
+
+    def _require_pool(self) -> Any:
+        if self._pool is None:
+            raise StorageError(f"{self._where}: storage is not open")
+        return self._pool
+
+    async def _acquire(self, pool: Any) -> Any:
+        while True:
+            async with asyncio.timeout(
+                CONNECT_TIMEOUT_SECONDS + 2
+            ):  # the handshake has no timeout of its own
+                conn = await pool.acquire()
+            connected_at = getattr(conn, "connected_time", None)
+            if connected_at is None or connected_at > self._broken_at:
+                return conn
+            # Opened before a connection broke: after a restart or failover it is stale.
+            conn.close()
+            await pool.release(conn)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        pool = self._require_pool()
+        async with self._slots:  # never more waiters than connections: no waiting in the pool
+            conn = await self._acquire(pool)
+            healthy = False
+            try:
+                yield conn
+                healthy = True
+            finally:
+                if not healthy:
+                    conn.close()  # in an unknown state (error, cancelled mid-query): never reuse
+                await pool.release(conn)
+
+    @staticmethod
+    def _code(error: BaseException) -> int | None:
+        if isinstance(error, aiomysql.Error) and error.args and isinstance(error.args[0], int):
+            code: int = error.args[0]
+            return code
+        return None
+
+    def _is_broken(self, error: BaseException) -> bool:
+        if isinstance(error, TimeoutError):
+            return False  # slow, not necessarily broken; retrying would double the wait
+        if isinstance(error, aiomysql.InterfaceError | OSError | EOFError | ConnectionError):
+            return True
+        code = self._code(error)
+        return code in _BROKEN_CONNECTION_CODES or code in _CANNOT_CONNECT_CODES
+
+    def _error(self, what: str, error: BaseException) -> StorageError:
+        code = self._code(error)
+        if isinstance(error, TimeoutError):
+            detail = "no answer in time"
+        elif code is not None and len(error.args) > 1:
+            detail = f"({code}) {error.args[1]}"
+        else:
+            detail = str(error) or type(error).__name__
+        if code == 1146:
+            detail += " (run `policyd migrate` to create it)"
+        return StorageError(f"{self._where}: {what}: {detail}")
+
+    async def _run(
+        self,
+        what: str,
+        operation: Callable[[Any], Awaitable[T]],
+        *,
+        retry_safe: bool,
+        timeout: float | None = OPERATION_TIMEOUT_SECONDS,
+    ) -> T:
+        """Run `operation` on a pooled connection; errors become StorageError.
+
+        Retried once on a fresh connection after a broken connection (or a deadlock, or a
+        table changed under us) when `retry_safe`.
+        """
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            got_connection = False
+            try:
+                async with asyncio.timeout(timeout):
+                    async with self._connection() as conn:
+                        got_connection = True
+                        return await operation(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if isinstance(error, StorageError):
+                    raise
+                broken = self._is_broken(error)
+                code = self._code(error)
+                if broken:
+                    self._broken_at = loop.time()
+                if code in _SCHEMA_CHANGED_CODES:
+                    self._layout = None  # read it again: someone migrated or dropped the table
+                retry = (
+                    retry_safe
+                    and attempt == 1
+                    and got_connection
+                    and (broken or code in _RETRYABLE_CODES or code in _SCHEMA_CHANGED_CODES)
+                )
+                if not retry:
+                    raise self._error(what, error) from error
+                self.retries += 1
+                log.warning("%s: %s failed (%s); retrying on a fresh connection", self._where, what, error)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------
+    # schema
+
+    async def _read_layout(self, conn: Any) -> _Layout:
+        async with conn.cursor() as cursor:
+            await cursor.execute(
+                "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_SET_NAME, COLLATION_NAME, "
+                "IS_NULLABLE, COLUMN_DEFAULT, EXTRA, DATETIME_PRECISION, CHARACTER_MAXIMUM_LENGTH, "
+                "COLUMN_COMMENT FROM information_schema.COLUMNS "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+                (self.table,),
+            )
+            rows = await cursor.fetchall()
+        columns = {
+            _text(name).lower(): _ColumnInfo(
+                data_type=_text(data_type).lower(),
+                column_type=_text(column_type).lower(),
+                charset=_text(charset).lower(),
+                collation=_text(collation).lower(),
+                nullable=_text(nullable).upper() == "YES",
+                default=_normal_default(default),
+                extra=_text(extra).lower(),
+                precision=None if precision is None else int(precision),
+                length=None if length is None else int(length),
+                comment=_text(comment),
+            )
+            for name, data_type, column_type, charset, collation, nullable, default, extra, precision, length, comment in rows
+        }
+        return _Layout(columns)
+
+    async def _layout_of(self, conn: Any) -> _Layout:
+        if self._layout is None:
+            self._layout = await self._read_layout(conn)
+        return self._layout
+
+    @staticmethod
+    def _column_is_right(wanted: _Column, have: _ColumnInfo) -> bool:
+        checks = [
+            have.data_type == wanted.data_type,
+            wanted.nullable is None or have.nullable == wanted.nullable,
+            wanted.charset is None or have.charset == wanted.charset,
+            wanted.collation is None or have.collation == wanted.collation,
+            wanted.length is None or have.length == wanted.length,
+            wanted.precision is None or have.precision == wanted.precision,
+            have.default == wanted.default,
+            wanted.unsigned == ("unsigned" in have.column_type),
+            all(word in have.extra for word in wanted.extra_needs),
+            not any(word in have.extra for word in wanted.extra_forbids),
+            have.comment == wanted.comment,
+        ]
+        return all(checks)
+
+    def _create_statement(self) -> str:
+        lines = [f"  {_q(column.name)} {column.definition}" for column in _COLUMNS]
+        lines.append(f"  PRIMARY KEY ({', '.join(map(_q, _PRIMARY_KEY))})")
+        for name, (unique, columns) in _INDEXES.items():
+            kind = "UNIQUE KEY" if unique else "KEY"
+            lines.append(f"  {kind} {_q(name)} ({', '.join(map(_q, columns))})")
+        body = ",\n".join(lines)
+        return (
+            f"CREATE TABLE IF NOT EXISTS {_q(self.table)} (\n{body}\n) "
+            f"ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={_TABLE_COLLATION} ROW_FORMAT=DYNAMIC"
+        )
+
+    async def _plan(self, conn: Any) -> list[_Step]:
+        layout = await self._read_layout(conn)
+        self._layout = layout
+        table = self.table
+        if not layout.exists:
+            return [_Step([f"create table {table}"], self._create_statement())]
+        steps: list[_Step] = []
+        columns = layout.columns
+
+        if layout.local_ts:
+            async with conn.cursor() as cursor:
+                await cursor.execute("SELECT @@global.time_zone, @@system_time_zone")
+                global_zone, system_zone = (_text(value) for value in (await cursor.fetchone() or ("", "")))
+            zone = f"{global_zone} ({system_zone})" if global_zone.upper() == "SYSTEM" else global_zone
+            steps.append(
+                _Step(
+                    [f"convert {table}.ts from the server's local time ({zone}) to UTC"],
+                    f"ALTER TABLE {_q(table)} MODIFY COLUMN {_q('ts')} TIMESTAMP(3) NOT NULL "
+                    "DEFAULT CURRENT_TIMESTAMP(3)",
+                    time_zone=global_zone or "SYSTEM",
+                )
+            )
+        count = columns.get("recipient_count")
+        if count is not None and count.nullable:
+            # "ts = ts": go-policyd's ts is ON UPDATE CURRENT_TIMESTAMP; assigning it
+            # explicitly keeps the server from stamping the updated rows with "now".
+            keep_ts = f", {_q('ts')} = {_q('ts')}" if "ts" in columns else ""
+            steps.append(
+                _Step(
+                    [f"set NULL {table}.recipient_count to 0"],
+                    f"UPDATE {_q(table)} SET {_q('recipient_count')} = 0{keep_ts} "
+                    f"WHERE {_q('recipient_count')} IS NULL",
+                )
+            )
+
+        clauses: list[str] = []
+        descriptions: list[str] = []
+        for column in _COLUMNS:
+            have = columns.get(column.name)
+            if have is None:
+                position = " FIRST" if column.name == "id" else ""
+                clauses.append(f"ADD COLUMN {_q(column.name)} {column.definition}{position}")
+                descriptions.append(f"add column {table}.{column.name}")
+            elif not self._column_is_right(column, have):
+                clauses.append(f"MODIFY COLUMN {_q(column.name)} {column.definition}")
+                wanted = column.definition.split(" AS (", 1)[0]
+                descriptions.append(f"change column {table}.{column.name}: {have.column_type} -> {wanted}")
+
+        async with conn.cursor() as cursor:
+            await cursor.execute(
+                "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME, SUB_PART FROM information_schema.STATISTICS "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY INDEX_NAME, SEQ_IN_INDEX",
+                (table,),
+            )
+            index_rows = await cursor.fetchall()
+            await cursor.execute(
+                "SELECT ENGINE, TABLE_COLLATION, ROW_FORMAT FROM information_schema.TABLES "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+                (table,),
+            )
+            table_row = await cursor.fetchone() or ("", "", "")
+        # name -> (unique, columns, any of them a prefix)
+        found: dict[str, tuple[bool, list[str], list[bool]]] = {}
+        for index_name, non_unique, column_name, sub_part in index_rows:
+            unique, index_columns, prefixes = found.setdefault(
+                _text(index_name), (not int(non_unique), [], [])
+            )
+            index_columns.append(_text(column_name).lower())
+            prefixes.append(sub_part is not None)
+        indexes = {
+            name: (unique, tuple(index_columns), any(prefixes))
+            for name, (unique, index_columns, prefixes) in found.items()
+        }
+
+        primary = indexes.pop("PRIMARY", None)
+        if primary != (True, _PRIMARY_KEY, False):
+            if primary is not None:
+                clauses.append("DROP PRIMARY KEY")
+            clauses.append(f"ADD PRIMARY KEY ({', '.join(map(_q, _PRIMARY_KEY))})")
+            old = f" in place of ({', '.join(primary[1])})" if primary is not None else ""
+            descriptions.append(f"primary key of {table}: ({', '.join(_PRIMARY_KEY)}){old}")
+        for name, (_, names, prefixed) in indexes.items():
+            if name not in _INDEXES and not prefixed and _TEXT_COLUMNS.intersection(names):
+                # An index of the admin's on a column that becomes TEXT: MySQL cannot keep it.
+                clauses.append(f"DROP INDEX {_q(name)}")
+                descriptions.append(f"drop index {table}.{name} ({', '.join(names)}): TEXT columns")
+        for name, (unique, wanted_columns) in _INDEXES.items():
+            have_index = indexes.get(name)
+            if have_index == (unique, wanted_columns, False):
+                continue
+            if have_index is not None:
+                clauses.append(f"DROP INDEX {_q(name)}")
+            kind = "UNIQUE INDEX" if unique else "INDEX"
+            clauses.append(f"ADD {kind} {_q(name)} ({', '.join(map(_q, wanted_columns))})")
+            descriptions.append(
+                f"add {'unique ' if unique else ''}index {table}.{name} ({', '.join(wanted_columns)})"
+            )
+
+        engine, collation, row_format = (_text(value) for value in table_row)
+        if engine.lower() != "innodb":
+            clauses.append("ENGINE=InnoDB")
+            descriptions.append(f"convert {table} from {engine or '?'} to InnoDB")
+        if row_format.lower() not in _GOOD_ROW_FORMATS:
+            clauses.append("ROW_FORMAT=DYNAMIC")
+            descriptions.append(f"row format of {table}: {row_format or '?'} -> Dynamic (long index keys)")
+        if collation.lower() != _TABLE_COLLATION:
+            clauses.append(f"DEFAULT CHARACTER SET utf8mb4 COLLATE {_TABLE_COLLATION}")
+            descriptions.append(f"default character set of {table}: {collation or '?'} -> {_TABLE_COLLATION}")
+
+        if clauses:
+            steps.append(_Step(descriptions, f"ALTER TABLE {_q(table)}\n  " + ",\n  ".join(clauses)))
+        return steps
+
+    async def pending_migrations(self) -> list[str]:
+        steps = await self._run("reading the schema", self._plan, retry_safe=True)
+        return [description for step in steps for description in step.descriptions]
+
+    async def _check_server_version(self, conn: Any) -> None:
+        async with conn.cursor() as cursor:
+            await cursor.execute("SELECT VERSION()")
+            row = await cursor.fetchone()
+        version = _text(row[0] if row else "")
+        numbers = tuple(int(part) for part in re.findall(r"\d+", version.split("-", 1)[0])[:3])
+        mariadb = "mariadb" in version.lower()
+        needed = (10, 3) if mariadb else (8, 0, 13)
+        if numbers < needed:
+            name = "MariaDB" if mariadb else "MySQL"
+            wanted = ".".join(map(str, needed))
+            raise StorageError(
+                f"{self._where}: {name} {version} is too old: policyd needs {name} >= {wanted}"
+            )
+
+    async def migrate(self) -> list[str]:
+        lock_name = "policyd-migrate-" + hashlib.sha1(f"{self.database}.{self.table}".encode()).hexdigest()
+
+        async def run(conn: Any) -> list[str]:
+            await self._check_server_version(conn)
+            async with conn.cursor() as cursor:
+                try:
+                    await cursor.execute("SELECT GET_LOCK(%s, %s)", (lock_name, MIGRATE_LOCK_SECONDS))
+                    row = await cursor.fetchone()
+                except aiomysql.OperationalError as error:
+                    if self._is_broken(error):
+                        raise
+                    row = None  # no named locks here (some Galera set-ups): go on without
+                if row is not None and row[0] is not None and int(row[0]) == 0:
+                    raise StorageError(
+                        f"{self._where}: another process has been migrating {self.table} for "
+                        f"{MIGRATE_LOCK_SECONDS}s; try again later"
+                    )
+                try:
+                    steps = await self._plan(conn)
+                    for step in steps:
+                        # One statement each, committed by itself (DDL commits anyway).
+                        if step.time_zone is None:
+                            await cursor.execute(step.statement)
+                            continue
+                        await cursor.execute("SET time_zone = %s", (step.time_zone,))
+                        try:
+                            await cursor.execute(step.statement)
+                        finally:
+                            await cursor.execute("SET time_zone = '+00:00'")
+                finally:
+                    await cursor.execute("DO RELEASE_LOCK(%s)", (lock_name,))
+            self._layout = await self._read_layout(conn)
+            return [description for step in steps for description in step.descriptions]
+
+        return await self._run("migrating the schema", run, retry_safe=False, timeout=None)
+
+    # ------------------------------------------------------------------
+    # queries
+
+    @staticmethod
+    def _since_sql(layout: _Layout) -> str:
+        if layout.local_ts:
+            return "CONVERT_TZ(%s, '+00:00', @@global.time_zone)"
+        return "%s"
+
+    @staticmethod
+    def _ts_out_sql(layout: _Layout, expression: str) -> str:
+        if layout.local_ts:
+            return f"CONVERT_TZ({expression}, @@global.time_zone, '+00:00')"
+        return expression
+
+    async def recipients_since(self, sasl_username: str, since: datetime, outcomes: Sequence[Outcome]) -> int:
+        if not outcomes:
+            return 0
+        bound = format_ts(since)
+        wanted = [str(outcome) for outcome in outcomes]
+
+        async def run(conn: Any) -> int:
+            layout = await self._layout_of(conn)
+            table = _q(self.table)
+            if layout.go_policyd:
+                # Old rows have no action: they count as DUNNO.
+                if str(Outcome.DUNNO) not in wanted:
+                    return 0
+                sql = (
+                    f"SELECT COALESCE(SUM(recipient_count), 0) FROM {table} "
+                    f"WHERE CONVERT(sasl_username USING utf8mb4) = %s AND ts >= {self._since_sql(layout)}"
+                )
+                params: list[Any] = [sasl_username, bound]
+            else:
+                marks = ", ".join(["%s"] * len(wanted))
+                if layout.has_user_key:
+                    user_sql, user_params = f"user_key = {_user_key_sql('%s')}", [sasl_username] * 4
+                else:
+                    user_sql, user_params = "sasl_username = %s", [sasl_username]
+                sql = (
+                    f"SELECT COALESCE(SUM(recipient_count), 0) FROM {table} "
+                    f"WHERE {user_sql} AND ts >= %s AND action IN ({marks})"
+                )
+                params = [*user_params, bound, *wanted]
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, params)
+                row = await cursor.fetchone()
+            return _int(row[0]) if row else 0
+
+        return await self._run("summing recipients", run, retry_safe=True)
+
+    async def add_events(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        rows = [
+            (
+                format_ts(event.ts),
+                event.sasl_username,
+                event.sender,
+                event.client_address,
+                event.recipient_count,
+                str(event.outcome),
+                event.event_id,
+            )
+            for event in events
+        ]
+        # Not INSERT IGNORE: that would turn real errors (a value too long...) into warnings.
+        sql = (
+            f"INSERT INTO {_q(self.table)} "
+            "(ts, sasl_username, sender, client_address, recipient_count, action, event_id) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            "ON DUPLICATE KEY UPDATE event_id = event_id"
+        )
+
+        async def run(conn: Any) -> None:
+            layout = await self._layout_of(conn)
+            if layout.go_policyd:
+                layout = self._layout = await self._read_layout(conn)  # migrated meanwhile?
+            if layout.go_policyd:
+                raise StorageError(
+                    f"{self._where}: table {self.table} still has go-policyd's layout; "
+                    "run `policyd migrate` to upgrade it"
+                )
+            await conn.begin()
+            async with conn.cursor() as cursor:
+                # Multi-row INSERTs of up to ~1 MB each, all in this one transaction.
+                await cursor.executemany(sql, rows)
+            await conn.commit()
+
+        await self._run("recording events", run, retry_safe=True)
+
+    async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
+        bound = format_ts(since)
+
+        async def run(conn: Any) -> list[SenderStats]:
+            layout = await self._layout_of(conn)
+            table = _q(self.table)
+            if layout.go_policyd:
+                sql = (
+                    "SELECT MIN(CONVERT(sasl_username USING utf8mb4)), COALESCE(SUM(recipient_count), 0), "
+                    f"COUNT(*), 0, 0, {self._ts_out_sql(layout, 'MAX(ts)')} "
+                    f"FROM {table} WHERE ts >= {self._since_sql(layout)} GROUP BY sasl_username "
+                    "ORDER BY 2 DESC, 1 LIMIT %s"
+                )
+            else:
+                group = "user_key" if layout.has_user_key else "sasl_username"
+                sql = (
+                    "SELECT MIN(sasl_username), COALESCE(SUM(recipient_count), 0), COUNT(*), "
+                    "SUM(action = 'HOLD'), SUM(action = 'REJECT'), MAX(ts) "
+                    f"FROM {table} WHERE ts >= %s GROUP BY {group} ORDER BY 2 DESC, 1 LIMIT %s"
+                )
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, (bound, limit))
+                return [
+                    SenderStats(
+                        _text(user),
+                        _int(recipients),
+                        _int(messages),
+                        _int(held),
+                        _int(rejected),
+                        _as_utc(last),
+                    )
+                    for user, recipients, messages, held, rejected, last in await cursor.fetchall()
+                ]
+
+        return await self._run("listing top senders", run, retry_safe=True)
+
+    async def purge(self, before: datetime, batch_rows: int = PURGE_BATCH_ROWS) -> int:
+        bound = format_ts(before)
+
+        async def one_batch(conn: Any) -> int:
+            layout = await self._layout_of(conn)
+            async with conn.cursor() as cursor:
+                # Autocommit: each batch is its own short transaction.
+                deleted: int = await cursor.execute(
+                    f"DELETE FROM {_q(self.table)} WHERE ts < {self._since_sql(layout)} ORDER BY ts LIMIT %s",
+                    (bound, batch_rows),
+                )
+            return deleted
+
+        deleted = 0
+        while True:
+            # Safe to retry: deleting old rows again deletes only old rows.
+            batch = await self._run("purging old events", one_batch, retry_safe=True)
+            deleted += batch
+            if batch < batch_rows:
+                return deleted
+
+    async def count_events(self) -> int:
+        async def run(conn: Any) -> int:
+            async with conn.cursor() as cursor:
+                await cursor.execute(f"SELECT COUNT(*) FROM {_q(self.table)}")
+                row = await cursor.fetchone()
+            return _int(row[0]) if row else 0
+
+        return await self._run("counting events", run, retry_safe=True)
