@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -116,6 +117,11 @@ async def fill_history(url: str, table: str, rows: int, users: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--database", help="database URL (default: a temp SQLite file)")
+    parser.add_argument(
+        "--server",
+        choices=["mariadb", "postgresql"],
+        help="start a private MariaDB/PostgreSQL (as the tests do) and use it",
+    )
     parser.add_argument("--table", default="events_bench")
     parser.add_argument("--history", type=int, default=0, help="rows of history to insert first")
     parser.add_argument("--history-users", type=int, default=10_000)
@@ -127,7 +133,18 @@ def main() -> int:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
-    url = args.database or f"sqlite://{workdir}/bench.sqlite"
+    with contextlib.ExitStack() as servers:
+        url = args.database or f"sqlite://{workdir}/bench.sqlite"
+        if args.server:
+            sys.path.insert(0, str(ROOT))
+            from tests import dbservers
+
+            server_class = dbservers.MariaDBServer if args.server == "mariadb" else dbservers.PostgreSQLServer
+            url = servers.enter_context(server_class()).url
+        return run(args, workdir, url)
+
+
+def run(args: argparse.Namespace, workdir: Path, url: str) -> int:
     if args.history:
         asyncio.run(fill_history(url, args.table, args.history, args.history_users))
 
@@ -157,7 +174,7 @@ def main() -> int:
         stop(reference)
     ratio = float(policyd_result["throughput_rps"]) / float(reference_result["throughput_rps"])  # type: ignore[arg-type]
     summary = {
-        "database": url.split("@")[-1] if "@" in url else url,
+        "database": url.rsplit("@", maxsplit=1)[-1],
         "history_rows": args.history,
         "connections": args.connections,
         "duration_s": args.duration,
