@@ -45,6 +45,8 @@ from policyd.storage import Event, Storage, StorageError
 MAX_BATCH_EVENTS = 500
 # While the database stays unavailable, a reminder this often (never a line per request).
 INCIDENT_REMINDER_SECONDS = 60.0
+# How much longer than db_timeout a request waits for its event to reach the spool.
+WRITE_GRACE_SECONDS = 1.0
 # Users whose totals are remembered for outages; the least recently seen are forgotten first.
 MAX_KNOWN_USERS = 200_000
 
@@ -160,6 +162,7 @@ class EventWriter:
         # added to what the database says, so a replay in progress hides nothing.
         self.spooled_recipients: Counter[str] = Counter()
         self.replayed = 0
+        self.late_writes = 0  # answers sent before their event was stored (disk trouble)
         self._pending: list[tuple[Event, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._replay_wakeup = asyncio.Event()
@@ -195,13 +198,21 @@ class EventWriter:
                     del self.spooled_recipients[event.sasl_username]
 
     async def write(self, event: Event) -> None:
-        """Queue the event; return once it is in the database or the spool (or dropped)."""
+        """Queue the event; return once it is in the database or the spool (or dropped).
+
+        The wait is bounded: if even the spool is slow (a disk in trouble), the answer goes
+        out anyway and the event stays queued.
+        """
         if self._closing:
             raise StorageError("shutting down, not accepting new events")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
         self._wakeup.set()
-        await future
+        try:
+            async with asyncio.timeout(self.settings.db_timeout + WRITE_GRACE_SECONDS):
+                await asyncio.shield(future)
+        except TimeoutError:
+            self.late_writes += 1
 
     async def _write_loop(self) -> None:
         while True:
@@ -210,7 +221,11 @@ class EventWriter:
             while self._pending:
                 batch = self._pending[:MAX_BATCH_EVENTS]
                 del self._pending[:MAX_BATCH_EVENTS]
-                await self._write_batch([event for event, _ in batch])
+                try:
+                    await self._write_batch([event for event, _ in batch])
+                except Exception:
+                    # A bug must not leave requests waiting forever or stop later writes.
+                    log.exception("writing %d events failed unexpectedly", len(batch))
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
@@ -255,7 +270,14 @@ class EventWriter:
                 if not self.outage.should_try():
                     await asyncio.sleep(min(self.outage.retry_seconds, 1.0))
                     continue
-                await self._replay_one_batch()
+                try:
+                    await self._replay_one_batch()
+                except Exception:
+                    # A damaged spool or a bug: say so, and try again later rather than die.
+                    log.exception(
+                        "spool: replay failed unexpectedly; retrying in %gs", self.outage.retry_seconds
+                    )
+                    await asyncio.sleep(self.outage.retry_seconds)
             if self._closing:
                 return
 
