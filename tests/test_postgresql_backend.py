@@ -120,7 +120,7 @@ async def opened(store: PostgreSQLStorage) -> AsyncIterator[PostgreSQLStorage]:
 
 @pytest.fixture
 def warnings_logged() -> Iterator[list[str]]:
-    """Warnings of the policyd logger (which may not propagate to caplog's root handler)."""
+    """Lines of the policyd logger, debug included (which may not propagate to caplog's root handler)."""
     lines: list[str] = []
 
     class Collect(logging.Handler):
@@ -128,10 +128,10 @@ def warnings_logged() -> Iterator[list[str]]:
             lines.append(record.getMessage())
 
     logger = logging.getLogger("policyd")
-    handler = Collect(logging.WARNING)
+    handler = Collect(logging.DEBUG)
     old_level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     try:
         yield lines
     finally:

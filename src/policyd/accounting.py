@@ -24,6 +24,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from policyd.config import Settings
 from policyd.logs import log
@@ -80,6 +81,13 @@ class Outage:
     def should_try(self) -> bool:
         """Whether a request should wait on the database now."""
         return not self.active or time.monotonic() >= self._retry_at
+
+    def proves_recovery(self, attempt_started: float) -> bool:
+        """Whether a success of an attempt begun at `attempt_started` shows the database is back.
+
+        One begun before the outage started proves nothing (it raced the failure).
+        """
+        return self.active and attempt_started > self._started
 
     def failed(self, error: BaseException, spool_path: str) -> None:
         now = time.monotonic()
@@ -163,6 +171,7 @@ class EventWriter:
         self.spooled_recipients: Counter[str] = Counter()
         self.replayed = 0
         self.late_writes = 0  # answers sent before their event was stored (disk trouble)
+        self._last_drop_log = -INCIDENT_REMINDER_SECONDS
         self._pending: list[tuple[Event, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._replay_wakeup = asyncio.Event()
@@ -233,31 +242,46 @@ class EventWriter:
                 return
 
     async def _write_batch(self, events: list[Event]) -> None:
-        if self.spool.pending_bytes == 0 and self.outage.should_try():
-            # shield: if the database is slow, the transaction may still commit after we
-            # stop waiting; the spooled copy is then skipped on replay (same event_id).
-            attempt = asyncio.ensure_future(self.storage.add_events(events))
-            try:
-                async with asyncio.timeout(self.settings.db_timeout):
-                    await asyncio.shield(attempt)
-            except (StorageError, TimeoutError) as error:
-                attempt.add_done_callback(_ignore_result)
-                self.outage.failed(error, str(self.spool.path))
-            else:
-                if self.outage.active and self.spool.pending_bytes == 0:
-                    self.outage.ended(self.replayed)
-                return
-        await self._spool(events)
-
-    async def _spool(self, events: list[Event]) -> None:
+        if self.spool.pending_bytes:
+            # Behind a spool being replayed: wait for the replay's batch in progress, and
+            # stay behind what is left of it, so the database gets every event in order.
+            async with self._spool_lock:
+                if self.spool.pending_bytes:
+                    await self._append(events)
+                    return
+        if self.outage.should_try() and await self._write_to_database(events):
+            return
         async with self._spool_lock:
-            try:
-                await asyncio.to_thread(self.spool.append, events)
-            except (SpoolFull, OSError) as error:
-                self.outage.dropped += len(events)
-                if self.outage.dropped == len(events):  # the first loss of this outage
-                    log.error("spool: %s; events are being lost until the database is back", error)
-                return
+            await self._append(events)
+
+    async def _write_to_database(self, events: list[Event]) -> bool:
+        started = time.monotonic()
+        # shield: if the database is slow, the transaction may still commit after we stop
+        # waiting; the spooled copy is then skipped on replay (same event_id).
+        attempt = asyncio.ensure_future(self.storage.add_events(events))
+        try:
+            async with asyncio.timeout(self.settings.db_timeout):
+                await asyncio.shield(attempt)
+        except (StorageError, TimeoutError) as error:
+            attempt.add_done_callback(_ignore_result)
+            self.outage.failed(error, str(self.spool.path))
+            return False
+        if self.outage.proves_recovery(started) and self.outage.spooled == 0:
+            self.outage.ended(replayed=0)  # nothing was spooled: nothing to replay first
+        return True
+
+    async def _append(self, events: list[Event]) -> None:
+        """Append to the spool; the caller holds the spool lock."""
+        try:
+            await asyncio.to_thread(self.spool.append, events)
+        except (SpoolFull, OSError) as error:
+            self.outage.dropped += len(events)
+            now = time.monotonic()
+            if now - self._last_drop_log >= INCIDENT_REMINDER_SECONDS:
+                self._last_drop_log = now
+                # The count of lost events is in the line that ends the outage.
+                log.error("spool: %s; events are being lost until the database is back", error)
+            return
         self.outage.spooled += len(events)
         self._track(events, +1)
         self._replay_wakeup.set()
@@ -282,20 +306,25 @@ class EventWriter:
                 return
 
     async def _replay_one_batch(self) -> None:
+        # The lock is held from reading the batch to recording its offset: new events
+        # wait (their requests are answered within the write bound anyway) and then go
+        # behind the spool, or, once it is empty, straight to the database.  Without
+        # this the replay could chase a steady load forever.
         async with self._spool_lock:
             batch = await asyncio.to_thread(self.spool.read_batch, MAX_BATCH_EVENTS)
-        try:
-            # Replay gets more time than a live request: nobody is waiting on it.
-            async with asyncio.timeout(max(self.settings.db_timeout, 5.0)):
-                await self.storage.add_events(batch.events)
-        except (StorageError, TimeoutError) as error:
-            self.outage.failed(error, str(self.spool.path))
-            return
-        async with self._spool_lock:
+            try:
+                # The same bound as a live write: new events wait for this lock.  A batch
+                # that commits after the timeout is harmless: replayed again, skipped.
+                async with asyncio.timeout(self.settings.db_timeout):
+                    await self.storage.add_events(batch.events)
+            except (StorageError, TimeoutError) as error:
+                self.outage.failed(error, str(self.spool.path))
+                return
             await asyncio.to_thread(self.spool.commit, batch.end_offset)
-        self._track(batch.events, -1)
-        self.replayed += len(batch.events)
-        if self.spool.pending_bytes == 0:
+            self._track(batch.events, -1)
+            self.replayed += len(batch.events)
+            if self.spool.pending_bytes:
+                return
             if self.outage.active:
                 self.outage.ended(self.replayed)
             else:
@@ -321,7 +350,7 @@ class EventWriter:
             )
 
 
-def _ignore_result(task: asyncio.Future[None]) -> None:
+def _ignore_result(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 
@@ -376,17 +405,23 @@ class Accountant:
     ) -> int | None:
         """The user's counted recipients in the window before this message, or None if unknown."""
         if self.outage.should_try():
+            started = time.monotonic()
+            # shield: a hung server must not hold the answer while a cancelled query
+            # waits for the server to acknowledge the cancel (asyncpg does).
+            attempt = asyncio.ensure_future(
+                self.storage.recipients_since(user, now - rules.window, counted_outcomes(rules))
+            )
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
                 async with asyncio.timeout(settings.db_timeout):
-                    in_database = await self.storage.recipients_since(
-                        user, now - rules.window, counted_outcomes(rules)
-                    )
+                    in_database = await asyncio.shield(attempt)
             except (StorageError, TimeoutError) as error:
+                attempt.add_done_callback(_ignore_result)
                 self.outage.failed(error, str(self.writer.spool.path))
             else:
-                if self.outage.active and not self.writer.spool.pending_bytes:
-                    self.outage.ended(self.writer.replayed)
+                # An outage that spooled events ends when the replay has caught up.
+                if self.outage.proves_recovery(started) and self.outage.spooled == 0:
+                    self.outage.ended(replayed=0)
                 return in_database + self.writer.spooled_recipients.get(user, 0)
         return self.known.get(user)
 

@@ -40,6 +40,9 @@ WRITE_TIMEOUT_SECONDS = 30.0
 MAX_REQUESTS_PER_CONNECTION = 1_000_000
 # After SIGTERM, how long requests in flight and queued writes get to finish.
 SHUTDOWN_GRACE_SECONDS = 10.0
+# At start, how long to wait for the database before listening anyway (a schema
+# migration of a big table may take longer; requests are answered from memory meanwhile).
+CONNECT_WAIT_SECONDS = 30.0
 # How often `systemctl status` gets fresh counters.
 STATUS_INTERVAL_SECONDS = 10.0
 # How often old events are purged (and once at start).
@@ -283,10 +286,14 @@ class Daemon:
 
     async def run(self, ready: Callable[[Daemon], None] | None = None) -> None:
         storage = create_storage(self.settings.database, self.settings.table)
-        connect_task = asyncio.create_task(self._connect(storage), name="policyd-connect")
+        first_attempt = asyncio.Event()
+        connect_task = asyncio.create_task(self._connect(storage, first_attempt), name="policyd-connect")
         # A database that is down at start does not stop the daemon: it answers from the
-        # spool and memory until the database is reachable (connect() keeps trying).
-        await asyncio.wait({connect_task}, timeout=max(self.settings.db_timeout, 3.0))
+        # spool and memory until the database is reachable (connect() keeps trying).  It
+        # starts listening as soon as the first attempt to connect has succeeded or failed.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONNECT_WAIT_SECONDS):
+                await first_attempt.wait()
         accountant = self.accountant = Accountant(storage, self.settings)
         await accountant.start()
         purge_task = asyncio.create_task(
@@ -344,7 +351,7 @@ class Daemon:
             systemd.status(self.status_line())
             await asyncio.sleep(min(interval, STATUS_INTERVAL_SECONDS))
 
-    async def _connect(self, storage: Storage) -> None:
+    async def _connect(self, storage: Storage, first_attempt: asyncio.Event) -> None:
         """Open storage and bring its schema up to date, retrying until it works."""
         failures = 0
         while True:
@@ -353,6 +360,7 @@ class Daemon:
                 for step in await storage.migrate():
                     log.info("schema: %s", step)
             except StorageError as error:
+                first_attempt.set()
                 failures += 1
                 if failures == 1:
                     log.error(
@@ -361,6 +369,7 @@ class Daemon:
                 await storage.close()
                 await asyncio.sleep(self.settings.db_retry)
                 continue
+            first_attempt.set()
             if failures:
                 log.warning("database opened after %d failed attempts", failures)
             return
@@ -388,6 +397,8 @@ class Daemon:
             ("bind", "bind"),
             ("port", "port"),
             ("socket", "socket"),
+            ("spool", "spool"),
+            ("spool_max_size", "spool_max_size"),
         ):
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed, it takes effect only after a restart", reason)

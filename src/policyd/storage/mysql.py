@@ -612,7 +612,8 @@ class MySQLStorage(Storage):
                 if not retry:
                     raise self._error(what, error) from error
                 self.retries += 1
-                log.warning("%s: %s failed (%s); retrying on a fresh connection", self._where, what, error)
+                # debug: the daemon logs the outage itself, once, if the retry fails too.
+                log.debug("%s: %s failed (%s); retrying on a fresh connection", self._where, what, error)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------

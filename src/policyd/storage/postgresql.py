@@ -347,7 +347,8 @@ class PostgreSQLStorage(Storage):
                 return await operation(connection)
             except _DRIVER_ERRORS as error:
                 lost = isinstance(error, _CONNECTION_LOST) or (
-                    isinstance(error, asyncpg.InterfaceError) and connection.is_closed()
+                    isinstance(error, (asyncpg.InterfaceError, asyncpg.InternalClientError))
+                    and connection.is_closed()
                 )
                 if attempt == 2 or not (lost or isinstance(error, _STALE_STATEMENT)):
                     if isinstance(error, TimeoutError):
@@ -356,7 +357,8 @@ class PostgreSQLStorage(Storage):
                         connection.terminate()
                     raise self._error(what, error) from error
                 if lost:
-                    log.warning(
+                    # debug: the daemon logs the outage itself, once, if the retry fails too.
+                    log.debug(
                         "%s: connection lost while %s (%s); retrying on a new connection",
                         self.description,
                         what,
