@@ -89,7 +89,6 @@ CONNECTION_LOST_RE = re.compile(
     r"^(postgresql://\S+ table \S+: connection lost while .*; retrying on a new connection"
     r"|mysql \S+: .* failed \(.*\); retrying on a fresh connection)$"
 )
-POOL_MAX_SIZE = 4
 LOG_LINE_RE = re.compile(r"^\S+ \S+ policyd\[\d+\] (?P<level>[A-Z]+): (?P<message>.*)$")
 
 
