@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from policyd.quota import Outcome
-from policyd.storage import Event, Storage, create_storage
+from policyd.storage import Event, Storage, StorageError, create_storage
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
 COUNTED = (Outcome.DUNNO, Outcome.HOLD)
@@ -178,3 +178,17 @@ async def test_migrate_is_idempotent_and_keeps_rows(database: tuple[str, str]) -
         assert await store.count_events() == 1
     finally:
         await store.close()
+
+
+async def test_nul_bytes_are_stored_verbatim_or_refused_cleanly(storage: Storage) -> None:
+    # The protocol parser already refuses NUL bytes; storage on its own must still either
+    # keep the name exactly or refuse it with StorageError (PostgreSQL text cannot hold NUL).
+    name = "nul\0name"
+    try:
+        await storage.add_events([event(name, 2)])
+    except StorageError as error:
+        assert "nul" in str(error).lower() or "0x00" in str(error).lower(), error
+        assert await storage.count_events() == 0
+    else:
+        assert await storage.recipients_since(name, NOW - timedelta(hours=1), COUNTED) == 2
+        assert await storage.recipients_since("nul", NOW - timedelta(hours=1), COUNTED) == 0
