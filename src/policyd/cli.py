@@ -74,7 +74,13 @@ def with_storage(settings: Settings, action: Callable[[Storage], Awaitable[T]]) 
 
     try:
         return asyncio.run(run())
-    except (StorageError, ValueError) as error:
+    except StorageError as error:
+        click.echo(f"policyd: {error}", err=True)
+        click.echo(
+            "policyd: (is the database reachable, and the schema created? see: policyd migrate)", err=True
+        )
+        sys.exit(1)
+    except ValueError as error:
         click.echo(f"policyd: {error}", err=True)
         sys.exit(1)
 

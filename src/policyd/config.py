@@ -407,8 +407,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
 
 
 def _permission_warnings(path: str, settings: Settings) -> list[str]:
-    if "dbpass" not in Path(path).read_text("utf-8") and mask_url(settings.database) == settings.database:
-        return []
+    if mask_url(settings.database) == settings.database:
+        return []  # no password in the file (dbpass ends up in the database URL)
     try:
         mode = os.stat(path).st_mode
     except OSError:
