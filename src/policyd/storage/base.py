@@ -10,9 +10,10 @@ from __future__ import annotations
 import abc
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from policyd.quota import Outcome
 
@@ -43,6 +44,23 @@ class Event:
     outcome: Outcome
     # Unique per event: replaying a write that may already have landed is harmless.
     event_id: str = field(default_factory=new_event_id)
+
+
+# The order of the values in `event_row`, for the backends' INSERT statements.
+EVENT_COLUMNS = "ts, sasl_username, sender, client_address, recipient_count, action, event_id"
+
+
+def event_row(event: Event, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
+    """An event's values in EVENT_COLUMNS order, its timestamp converted by `ts`."""
+    return (
+        ts(event.ts),
+        event.sasl_username,
+        event.sender,
+        event.client_address,
+        event.recipient_count,
+        str(event.outcome),
+        event.event_id,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,7 +123,16 @@ import aiomysql
 
 from policyd.logs import log
 from policyd.quota import Outcome
-from policyd.storage.base import PURGE_BATCH_ROWS, Event, SenderStats, Storage, StorageError, utc
+from policyd.storage.base import (
+    EVENT_COLUMNS,
+    PURGE_BATCH_ROWS,
+    Event,
+    SenderStats,
+    Storage,
+    StorageError,
+    event_row,
+    utc,
+)
 
 T = TypeVar("T")
 
@@ -903,22 +912,10 @@ class MySQLStorage(Storage):
     async def add_events(self, events: Sequence[Event]) -> None:
         if not events:
             return
-        rows = [
-            (
-                format_ts(event.ts),
-                event.sasl_username,
-                event.sender,
-                event.client_address,
-                event.recipient_count,
-                str(event.outcome),
-                event.event_id,
-            )
-            for event in events
-        ]
+        rows = [event_row(event, format_ts) for event in events]
         # Not INSERT IGNORE: that would turn real errors (a value too long...) into warnings.
         sql = (
-            f"INSERT INTO {_q(self.table)} "
-            "(ts, sasl_username, sender, client_address, recipient_count, action, event_id) "
+            f"INSERT INTO {_q(self.table)} ({EVENT_COLUMNS}) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s) "
             "ON DUPLICATE KEY UPDATE event_id = event_id"
         )

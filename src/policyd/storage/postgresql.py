@@ -86,7 +86,16 @@ import asyncpg
 
 from policyd.logs import log
 from policyd.quota import Outcome
-from policyd.storage.base import PURGE_BATCH_ROWS, Event, SenderStats, Storage, StorageError, utc
+from policyd.storage.base import (
+    EVENT_COLUMNS,
+    PURGE_BATCH_ROWS,
+    Event,
+    SenderStats,
+    Storage,
+    StorageError,
+    event_row,
+    utc,
+)
 
 T = TypeVar("T")
 
@@ -605,15 +614,7 @@ class PostgreSQLStorage(Storage):
             return
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
         for event in events:
-            row = (
-                _ms(event.ts),
-                event.sasl_username,
-                event.sender,
-                event.client_address,
-                event.recipient_count,
-                str(event.outcome),
-                event.event_id,
-            )
+            row = event_row(event, _ms)
             _check_no_nul("sasl_username", event.sasl_username)
             _check_no_nul("sender", event.sender)
             _check_no_nul("client_address", event.client_address)
@@ -621,8 +622,7 @@ class PostgreSQLStorage(Storage):
                 column.append(value)
         # One statement, so one transaction, whatever the number of rows.
         sql = (
-            f"INSERT INTO {self._t} "
-            "(ts, sasl_username, sender, client_address, recipient_count, action, event_id) "
+            f"INSERT INTO {self._t} ({EVENT_COLUMNS}) "
             "SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], "
             "$5::integer[], $6::text[], $7::text[]) "
             "ON CONFLICT (event_id) DO NOTHING"

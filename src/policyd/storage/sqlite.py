@@ -17,7 +17,16 @@ from pathlib import Path
 import aiosqlite
 
 from policyd.quota import Outcome
-from policyd.storage.base import PURGE_BATCH_ROWS, Event, SenderStats, Storage, StorageError, utc
+from policyd.storage.base import (
+    EVENT_COLUMNS,
+    PURGE_BATCH_ROWS,
+    Event,
+    SenderStats,
+    Storage,
+    StorageError,
+    event_row,
+    utc,
+)
 
 # How long SQLite itself waits on a lock held by another process (policyd purge, say)
 # before failing.  The daemon bounds its own wait separately (db_timeout).
@@ -175,25 +184,12 @@ class SQLiteStorage(Storage):
         if not events:
             return
         _, writer = self._connections()
-        rows = [
-            (
-                format_ts(event.ts),
-                event.sasl_username,
-                event.sender,
-                event.client_address,
-                event.recipient_count,
-                str(event.outcome),
-                event.event_id,
-            )
-            for event in events
-        ]
+        rows = [event_row(event, format_ts) for event in events]
         async with _wrapped_errors("recording events"):
             await writer.execute("BEGIN IMMEDIATE")
             try:
                 await writer.executemany(
-                    f"INSERT OR IGNORE INTO {self.table} "
-                    "(ts, sasl_username, sender, client_address, recipient_count, action, event_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR IGNORE INTO {self.table} ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 await writer.execute("COMMIT")
