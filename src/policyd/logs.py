@@ -30,6 +30,10 @@ def setup_logging(foreground: bool, level: str = "info", syslog_socket: str = SY
     handler: logging.Handler | None = None
     if not foreground:
         try:
+            # Python's SysLogHandler swallows a failed connect and then fails on every
+            # line; so check the socket ourselves first.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.connect(syslog_socket)
             syslog = logging.handlers.SysLogHandler(
                 address=syslog_socket,
                 facility=logging.handlers.SysLogHandler.LOG_DAEMON,
