@@ -27,10 +27,27 @@ from policyd.server import Daemon
 from tests.conftest import encode_request, make_settings
 
 
+class BugCollector(logging.Handler):
+    """Log records that carry a traceback: an exception the daemon did not expect."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(self.format(record))
+
+
 class ThreadedDaemon:
+    """The daemon in a thread; records anything that escaped a handler or was logged as a bug."""
+
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.loop = asyncio.new_event_loop()
+        self.escaped: list[str] = []
+        self.loop.set_exception_handler(lambda _, context: self.escaped.append(str(context)))
+        self.bugs = BugCollector()
         self.started = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
@@ -44,6 +61,7 @@ class ThreadedDaemon:
             self.started.set()
 
     def start(self) -> None:
+        logging.getLogger("policyd").addHandler(self.bugs)
         self.thread.start()
         assert self.started.wait(15), "daemon did not start"
         if self.error:
@@ -52,7 +70,10 @@ class ThreadedDaemon:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.daemon.stopping.set)
         self.thread.join(20)
+        logging.getLogger("policyd").removeHandler(self.bugs)
         assert not self.thread.is_alive(), "daemon did not stop"
+        assert self.escaped == [], self.escaped
+        assert self.bugs.records == [], self.bugs.records
 
     @property
     def port(self) -> int:

@@ -120,6 +120,9 @@ class Connection:
             log.warning("client %s: does not read its replies; closing the connection", self.peer)
         except (ConnectionError, OSError) as error:
             log.info("client %s: connection lost: %s", self.peer, error)
+        except Exception:
+            # A bug: say so with the traceback, close this connection, serve the others.
+            log.exception("client %s: unexpected error; closing the connection", self.peer)
         finally:
             self.busy = False
             writer.close()
