@@ -20,11 +20,12 @@ so once a user has been answered, every daemon sharing the database sees the mes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from policyd.config import Settings
 from policyd.logs import log
@@ -41,6 +42,8 @@ from policyd.quota import (
 )
 from policyd.spool import Spool, SpoolFull
 from policyd.storage import Event, Storage, StorageError
+
+T = TypeVar("T")
 
 # Events written in one transaction at most; more wait for the next one.
 MAX_BATCH_EVENTS = 500
@@ -62,6 +65,11 @@ def describe_error(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _ignore_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class Outage:
     """Database health as the daemon sees it, and the log lines that go with it."""
 
@@ -69,7 +77,6 @@ class Outage:
         self.retry_seconds = retry_seconds
         self.reminder_seconds = reminder_seconds
         self.active = False
-        self.incidents = 0
         self.decided_from_memory = 0
         self.answered_error_action = 0
         self.spooled = 0
@@ -82,19 +89,35 @@ class Outage:
         """Whether a request should wait on the database now."""
         return not self.active or time.monotonic() >= self._retry_at
 
-    def proves_recovery(self, attempt_started: float) -> bool:
-        """Whether a success of an attempt begun at `attempt_started` shows the database is back.
+    async def attempt(self, operation: Coroutine[Any, Any, T], timeout: float, spool_path: str) -> T | None:
+        """Run a database operation for at most `timeout`; None if it failed or timed out.
 
-        One begun before the outage started proves nothing (it raced the failure).
+        Shielded: a hung server must not hold the answer while a cancelled query waits
+        for the server to acknowledge the cancel (asyncpg does), and a write that commits
+        after we stop waiting is harmless (its spooled copy is skipped on replay).  A
+        success ends an outage only if it began after the outage did (an earlier one
+        raced the failure) and nothing was spooled (then the replay ends it, once caught
+        up, with the count).
         """
-        return self.active and attempt_started > self._started
+        started = time.monotonic()
+        task = asyncio.ensure_future(operation)
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(timeout):
+                result = await asyncio.shield(task)
+        except (StorageError, TimeoutError) as error:
+            task.add_done_callback(_ignore_result)
+            self.failed(error, spool_path)
+            return None
+        if self.active and started > self._started and self.spooled == 0:
+            self.ended(replayed=0)
+        return result
 
     def failed(self, error: BaseException, spool_path: str) -> None:
         now = time.monotonic()
         self._retry_at = now + self.retry_seconds
         if not self.active:
             self.active = True
-            self.incidents += 1
             self._started = self._last_log = now
             self.decided_from_memory = self.answered_error_action = self.spooled = self.dropped = 0
             log.error(
@@ -149,9 +172,6 @@ class KnownTotals:
         if len(self._totals) > self.max_users:
             self._totals.popitem(last=False)
 
-    def __len__(self) -> int:
-        return len(self._totals)
-
 
 class EventWriter:
     """Gets each event into the database, or into the spool when the database cannot take it.
@@ -170,7 +190,6 @@ class EventWriter:
         # added to what the database says, so a replay in progress hides nothing.
         self.spooled_recipients: Counter[str] = Counter()
         self.replayed = 0
-        self.late_writes = 0  # answers sent before their event was stored (disk trouble)
         self._last_drop_log = -INCIDENT_REMINDER_SECONDS
         self._pending: list[tuple[Event, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
@@ -217,11 +236,9 @@ class EventWriter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
         self._wakeup.set()
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.db_timeout + WRITE_GRACE_SECONDS):
                 await asyncio.shield(future)
-        except TimeoutError:
-            self.late_writes += 1
 
     async def _write_loop(self) -> None:
         while True:
@@ -255,19 +272,14 @@ class EventWriter:
             await self._append(events)
 
     async def _write_to_database(self, events: list[Event]) -> bool:
-        started = time.monotonic()
-        # shield: if the database is slow, the transaction may still commit after we stop
-        # waiting; the spooled copy is then skipped on replay (same event_id).
-        attempt = asyncio.ensure_future(self.storage.add_events(events))
-        try:
-            async with asyncio.timeout(self.settings.db_timeout):
-                await asyncio.shield(attempt)
-        except (StorageError, TimeoutError) as error:
-            attempt.add_done_callback(_ignore_result)
-            self.outage.failed(error, str(self.spool.path))
-            return False
-        if self.outage.proves_recovery(started) and self.outage.spooled == 0:
-            self.outage.ended(replayed=0)  # nothing was spooled: nothing to replay first
+        written = await self.outage.attempt(
+            self._add_events(events), self.settings.db_timeout, str(self.spool.path)
+        )
+        return written is not None
+
+    async def _add_events(self, events: list[Event]) -> bool:
+        """add_events with a result, so that success is told apart from attempt()'s None."""
+        await self.storage.add_events(events)
         return True
 
     async def _append(self, events: list[Event]) -> None:
@@ -350,11 +362,6 @@ class EventWriter:
             )
 
 
-def _ignore_result(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 class Accountant:
     """Decides each request and records what it counted."""
 
@@ -405,23 +412,12 @@ class Accountant:
     ) -> int | None:
         """The user's counted recipients in the window before this message, or None if unknown."""
         if self.outage.should_try():
-            started = time.monotonic()
-            # shield: a hung server must not hold the answer while a cancelled query
-            # waits for the server to acknowledge the cancel (asyncpg does).
-            attempt = asyncio.ensure_future(
-                self.storage.recipients_since(user, now - rules.window, counted_outcomes(rules))
+            in_database = await self.outage.attempt(
+                self.storage.recipients_since(user, now - rules.window, counted_outcomes(rules)),
+                settings.db_timeout,
+                str(self.writer.spool.path),
             )
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
-                async with asyncio.timeout(settings.db_timeout):
-                    in_database = await asyncio.shield(attempt)
-            except (StorageError, TimeoutError) as error:
-                attempt.add_done_callback(_ignore_result)
-                self.outage.failed(error, str(self.writer.spool.path))
-            else:
-                # An outage that spooled events ends when the replay has caught up.
-                if self.outage.proves_recovery(started) and self.outage.spooled == 0:
-                    self.outage.ended(replayed=0)
+            if in_database is not None:
                 return in_database + self.writer.spooled_recipients.get(user, 0)
         return self.known.get(user)
 
