@@ -194,6 +194,16 @@ async def test_go_policyd_rows_count_before_any_migration(db: Database, variant:
             ("carolina", 2, 1, 0, 0),
         ]
         assert top[0].last_seen == NOW - timedelta(hours=1)
+        # The window loads from it too, in UTC to the second (no ids to tail yet).
+        window = {h.sasl_username: h for h in await store.load_window(NOW - DAY, 0, "relay")}
+        assert {user: sum(h.counts) for user, h in window.items()} == {
+            u: n for u, n in EXPECTED_SUMS.items() if n
+        }
+        assert {code for h in window.values() for code in h.codes} == {0}
+        hour_ago = (NOW - timedelta(hours=1) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+        assert max(window["alice"].times) == hour_ago
+        assert await store.max_event_id() == 0
+        assert (await store.tail(0, "relay", 10)).rows == []
         assert await store.pending_migrations() != []
         # Writing needs the new columns: refused, with the way out, until migrated.
         with pytest.raises(StorageError, match="policyd migrate"):

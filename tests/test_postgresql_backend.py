@@ -218,6 +218,8 @@ async def test_fresh_schema_types_and_indexes(pg: PgDatabase) -> None:
         ["recipient_count", "integer", "", "YES", "", "NO", ""],
         ["action", "character varying", "", "NO", "'DUNNO'::character varying", "NO", ""],
         ["event_id", "character", "", "YES", "", "NO", ""],
+        ["queue_id", "text", "", "YES", "", "NO", ""],
+        ["origin", "text", "", "YES", "", "NO", ""],
     ]
     indexes = pg.admin("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'events' ORDER BY 1")
     definitions = dict(line.split("\t") for line in indexes.splitlines())
@@ -265,6 +267,12 @@ async def test_go_policyd_table_is_upgraded_in_place(pg: PgDatabase) -> None:
             ("bob", 3, 1, 0, 0),
         ]
         assert top[0].last_seen == datetime(2026, 11, 24, 11, 30, tzinfo=UTC)
+        # The window loads from it too (no ids to tail yet).
+        window = {h.sasl_username: h for h in await store.load_window(since, 0, "relay")}
+        assert {user: sum(h.counts) for user, h in window.items()} == {"alice": 15, "bob": 3}
+        assert {code for h in window.values() for code in h.codes} == {0}
+        assert await store.max_event_id() == 0
+        assert (await store.tail(0, "relay", 10)).rows == []
         # Writing needs the new schema (event_id): a clear StorageError, nothing written.
         with pytest.raises(StorageError, match="run: policyd migrate"):
             await store.add_events([event("alice", 1)])
@@ -278,6 +286,8 @@ async def test_go_policyd_table_is_upgraded_in_place(pg: PgDatabase) -> None:
             "widen client_address from char to text, trimming the padding",
             "add column action",
             "add column event_id",
+            "add column queue_id",
+            "add column origin",
             "drop primary key events_pkey (ts, sasl_username, sender, client_address)",
             "add column id (identity, primary key)",
             "create index events_user_ts",

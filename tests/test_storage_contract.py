@@ -192,3 +192,111 @@ async def test_nul_bytes_are_stored_verbatim_or_refused_cleanly(storage: Storage
     else:
         assert await storage.recipients_since(name, NOW - timedelta(hours=1), COUNTED) == 2
         assert await storage.recipients_since("nul", NOW - timedelta(hours=1), COUNTED) == 0
+
+
+# ---------------------------------------------------------------------------
+# what the in-memory window reads: the bulk load at start, the tail of other relays
+# ---------------------------------------------------------------------------
+
+MS = timedelta(milliseconds=1)
+
+
+def ms(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // MS
+
+
+async def test_load_window_groups_each_users_events_in_time_order(storage: Storage) -> None:
+    await storage.add_events(
+        [
+            event("alice", 3, timedelta(minutes=5)),
+            event("alice", 300, timedelta(minutes=3), Outcome.REJECT),
+            event("alice", 4, timedelta(minutes=9), Outcome.HOLD),
+            event("alice", 100, timedelta(hours=25)),  # outside the window
+            event("bob", 7, timedelta(seconds=1)),
+        ],
+        origin="relay-a",
+    )
+    top = await storage.max_event_id()
+    histories = await storage.load_window(NOW - timedelta(hours=24), top, exclude_origin="relay-b")
+    by_user = {history.sasl_username: history for history in histories}
+    assert set(by_user) == {"alice", "bob"}
+    alice = by_user["alice"]
+    assert alice.times == [
+        ms(NOW - timedelta(minutes=9)),
+        ms(NOW - timedelta(minutes=5)),
+        ms(NOW - timedelta(minutes=3)),
+    ]
+    assert alice.counts == [4, 3, 300]
+    assert alice.codes == [1, 0, 2]
+    assert by_user["bob"].times == [ms(NOW - timedelta(seconds=1))]
+
+
+async def test_load_window_leaves_out_one_origin_and_later_rows(storage: Storage) -> None:
+    await storage.add_events([event("alice", 1)], origin="relay-a")
+    await storage.add_events([event("alice", 2)], origin="relay-b")
+    await storage.add_events([event("alice", 4)], origin=None)  # go-policyd, or an older policyd
+    fence = await storage.max_event_id()
+    await storage.add_events([event("alice", 8)], origin="relay-a")
+    since = NOW - timedelta(hours=1)
+    [history] = await storage.load_window(since, fence, exclude_origin="relay-b")
+    assert sorted(history.counts) == [1, 4]
+    assert await storage.load_window(since, 0, exclude_origin="relay-b") == []
+
+
+async def test_timestamps_load_to_the_millisecond(storage: Storage) -> None:
+    moment = datetime(2026, 11, 24, 11, 59, 59, 999_999, tzinfo=UTC)  # truncated, never rounded up
+    await storage.add_events([Event(moment, "alice", "s", "192.0.2.1", 1, Outcome.DUNNO)])
+    [history] = await storage.load_window(NOW - timedelta(hours=1), await storage.max_event_id(), "x")
+    assert history.times == [ms(moment.replace(microsecond=999_000))]
+    tail = await storage.tail(0, "x", 10)
+    assert [row.at for row in tail.rows] == history.times
+
+
+async def test_tail_reads_other_origins_in_id_order(storage: Storage) -> None:
+    assert await storage.max_event_id() == 0
+    assert (await storage.tail(0, "me", 100)).max_id == 0
+    await storage.add_events([event("alice", 1), event("bob", 2, outcome=Outcome.HOLD)], origin="other")
+    await storage.add_events([event("alice", 4)], origin="me")
+    await storage.add_events([event("carol", 8, outcome=Outcome.REJECT)], origin=None)
+    tail = await storage.tail(0, "me", 100)
+    assert [(row.sasl_username, row.recipient_count, row.code) for row in tail.rows] == [
+        ("alice", 1, 0),
+        ("bob", 2, 1),
+        ("carol", 8, 2),
+    ]
+    assert tail.max_id == await storage.max_event_id() >= tail.rows[-1].row_id
+    ids = [row.row_id for row in tail.rows]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert [row.row_id for row in (await storage.tail(ids[0], "me", 1)).rows] == [ids[1]]
+    assert (await storage.tail(tail.max_id, "me", 100)).rows == []
+
+
+async def test_existing_event_ids(storage: Storage) -> None:
+    stored = [event("alice", 1) for _ in range(3)]
+    await storage.add_events(stored, origin="other")
+    mine = event("alice", 1)
+    await storage.add_events([mine], origin="me")
+    asked = [stored[0].event_id, "0" * 32, stored[2].event_id, mine.event_id] + [
+        f"{n:032x}" for n in range(1200)
+    ]
+    assert await storage.existing_event_ids(asked, "me") == {stored[0].event_id, stored[2].event_id}
+    assert await storage.existing_event_ids([], "me") == set()
+
+
+async def test_load_window_before_a_time_takes_every_origin(storage: Storage) -> None:
+    await storage.add_events([event("alice", 1, timedelta(hours=30))], origin="me")
+    await storage.add_events([event("alice", 2, timedelta(hours=26))], origin="other")
+    await storage.add_events([event("alice", 4, timedelta(hours=20))], origin="me")
+    top = await storage.max_event_id()
+    [history] = await storage.load_window(
+        NOW - timedelta(hours=48), top, "", before=NOW - timedelta(hours=24)
+    )
+    assert history.counts == [1, 2]
+
+
+async def test_queue_id_and_origin_are_stored(storage: Storage) -> None:
+    await storage.add_events(
+        [Event(NOW, "alice", "s", "192.0.2.1", 1, Outcome.DUNNO, queue_id="4ABCDEF")], origin="relay-a"
+    )
+    await storage.add_events([event("alice", 1)], origin="relay-a")
+    assert await storage.count_events() == 2

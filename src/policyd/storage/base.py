@@ -44,13 +44,18 @@ class Event:
     outcome: Outcome
     # Unique per event: replaying a write that may already have landed is harmless.
     event_id: str = field(default_factory=new_event_id)
+    # Postfix's queue id of the message ("" when Postfix did not send one).
+    queue_id: str = ""
 
 
 # The order of the values in `event_row`, for the backends' INSERT statements.
-EVENT_COLUMNS = "ts, sasl_username, sender, client_address, recipient_count, action, event_id"
+EVENT_COLUMNS = (
+    "ts, sasl_username, sender, client_address, recipient_count, action, event_id, queue_id, origin"
+)
+EVENT_VALUES = len(EVENT_COLUMNS.split(","))
 
 
-def event_row(event: Event, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
+def event_row(event: Event, ts: Callable[[datetime], Any], origin: str | None) -> tuple[Any, ...]:
     """An event's values in EVENT_COLUMNS order, its timestamp converted by `ts`."""
     return (
         ts(event.ts),
@@ -60,7 +65,53 @@ def event_row(event: Event, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
         event.recipient_count,
         str(event.outcome),
         event.event_id,
+        event.queue_id or None,
+        origin,
     )
+
+
+# Outcome codes the window-loading queries return (as window.OUTCOME_CODES).
+OUTCOME_CODE_SQL = "CASE action WHEN 'HOLD' THEN 1 WHEN 'REJECT' THEN 2 ELSE 0 END"
+# Event ids asked about in one statement at most (existing_event_ids).
+EVENT_ID_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class UserHistory:
+    """One user's events in a window, read in bulk: times (ms since the epoch, UTC),
+    recipients and outcome codes (0 DUNNO, 1 HOLD, 2 REJECT), in time order."""
+
+    sasl_username: str
+    times: list[int]
+    counts: list[int]
+    codes: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class TailRow:
+    """One event row written by someone else, as the tail reads it."""
+
+    row_id: int
+    sasl_username: str
+    at: int  # ms since the epoch, UTC
+    recipient_count: int
+    code: int  # 0 DUNNO, 1 HOLD, 2 REJECT
+    origin: str  # "" for rows written without one (go-policyd, an older policyd)
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    rows: list[TailRow]
+    max_id: int  # the highest row id in the table (anyone's), 0 when empty
+
+
+def split_numbers(text: str | bytes | None) -> list[int]:
+    """The integers of a comma-separated list (what GROUP_CONCAT / group_concat return)."""
+    if not text:
+        return []
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode("ascii")
+    return list(map(int, text.split(",")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +141,9 @@ def utc(moment: datetime) -> datetime:
 
 class Storage(abc.ABC):
     """A place to keep events.  All methods may raise StorageError."""
+
+    # A database server that several daemons (relays) may share, as opposed to a file.
+    shared = False
 
     def __init__(self, table: str) -> None:
         self.table = check_table_name(table)
@@ -124,8 +178,33 @@ class Storage(abc.ABC):
         """Sum of recipient_count of the user's events at or after `since` with these outcomes."""
 
     @abc.abstractmethod
-    async def add_events(self, events: Sequence[Event]) -> None:
-        """Store events in one transaction; an event_id already stored is skipped."""
+    async def add_events(self, events: Sequence[Event], origin: str | None = None) -> None:
+        """Store events in one transaction; an event_id already stored is skipped.
+
+        `origin` names the daemon run that writes them (the tail of each daemon skips
+        its own rows).
+        """
+
+    @abc.abstractmethod
+    async def max_event_id(self) -> int:
+        """The highest row id in the table (0 when empty)."""
+
+    @abc.abstractmethod
+    async def load_window(
+        self, since: datetime, up_to_id: int, exclude_origin: str, before: datetime | None = None
+    ) -> list[UserHistory]:
+        """Every user's events at or after `since` (and before `before`, if given) with a
+        row id at most `up_to_id`, except those written by `exclude_origin`, grouped by
+        user in time order."""
+
+    @abc.abstractmethod
+    async def tail(self, after_id: int, exclude_origin: str, limit: int) -> Tail:
+        """Rows with an id above `after_id` not written by `exclude_origin`, in id order
+        (at most `limit`), and the highest id in the table."""
+
+    @abc.abstractmethod
+    async def existing_event_ids(self, event_ids: Sequence[str], exclude_origin: str) -> set[str]:
+        """Which of these event ids are stored, in rows not written by `exclude_origin`."""
 
     @abc.abstractmethod
     async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:

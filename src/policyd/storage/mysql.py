@@ -125,12 +125,19 @@ from policyd.logs import log
 from policyd.quota import Outcome
 from policyd.storage.base import (
     EVENT_COLUMNS,
+    EVENT_ID_CHUNK,
+    EVENT_VALUES,
+    OUTCOME_CODE_SQL,
     PURGE_BATCH_ROWS,
     Event,
     SenderStats,
     Storage,
     StorageError,
+    Tail,
+    TailRow,
+    UserHistory,
     event_row,
+    split_numbers,
     utc,
 )
 
@@ -261,6 +268,24 @@ _COLUMNS: tuple[_Column, ...] = (
         length=USER_KEY_LENGTH,
         extra_needs=("generated",),
         comment=USER_KEY_COMMENT,
+    ),
+    _Column(
+        "queue_id",
+        "VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NULL DEFAULT NULL",
+        "varchar",
+        nullable=True,
+        charset="ascii",
+        collation="ascii_bin",
+        length=64,
+    ),
+    _Column(
+        "origin",
+        "VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NULL DEFAULT NULL",
+        "varchar",
+        nullable=True,
+        charset="ascii",
+        collation="ascii_bin",
+        length=64,
     ),
 )
 _TEXT_COLUMNS = frozenset(column.name for column in _COLUMNS if column.data_type == "text")
@@ -422,6 +447,8 @@ def _parse_url(url: str) -> dict[str, Any]:
 
 
 class MySQLStorage(Storage):
+    shared = True
+
     def __init__(
         self,
         *,
@@ -909,14 +936,14 @@ class MySQLStorage(Storage):
 
         return await self._run("summing recipients", run, retry_safe=True)
 
-    async def add_events(self, events: Sequence[Event]) -> None:
+    async def add_events(self, events: Sequence[Event], origin: str | None = None) -> None:
         if not events:
             return
-        rows = [event_row(event, format_ts) for event in events]
+        rows = [event_row(event, format_ts, origin) for event in events]
         # Not INSERT IGNORE: that would turn real errors (a value too long...) into warnings.
         sql = (
             f"INSERT INTO {_q(self.table)} ({EVENT_COLUMNS}) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            f"VALUES ({', '.join(['%s'] * EVENT_VALUES)}) "
             "ON DUPLICATE KEY UPDATE event_id = event_id"
         )
 
@@ -936,6 +963,118 @@ class MySQLStorage(Storage):
             await conn.commit()
 
         await self._run("recording events", run, retry_safe=True)
+
+    def _ms_sql(self, layout: _Layout) -> str:
+        """ts as milliseconds since the epoch (UTC), by arithmetic: no time zone applied."""
+        return f"TIMESTAMPDIFF(MICROSECOND, '1970-01-01', {self._ts_out_sql(layout, 'ts')}) DIV 1000"
+
+    async def max_event_id(self) -> int:
+        async def run(conn: Any) -> int:
+            layout = await self._layout_of(conn)
+            if "id" not in layout.columns:
+                return 0  # go-policyd's table has no ids (until migrated): nothing to tail
+            async with conn.cursor() as cursor:
+                await cursor.execute(f"SELECT COALESCE(MAX(id), 0) FROM {_q(self.table)}")
+                row = await cursor.fetchone()
+            return _int(row[0]) if row else 0
+
+        return await self._run("reading the last event id", run, retry_safe=True)
+
+    async def load_window(
+        self, since: datetime, up_to_id: int, exclude_origin: str, before: datetime | None = None
+    ) -> list[UserHistory]:
+        bound = format_ts(since)
+        until = before is not None
+
+        async def run(conn: Any) -> list[UserHistory]:
+            layout = await self._layout_of(conn)
+            table = _q(self.table)
+            ms = self._ms_sql(layout)
+            if layout.go_policyd:
+                # Old rows have no action (all were let through), id or origin.
+                sql = (
+                    "SELECT MIN(CONVERT(sasl_username USING utf8mb4)), "
+                    f"GROUP_CONCAT({ms} ORDER BY ts), GROUP_CONCAT(COALESCE(recipient_count, 0) ORDER BY ts), "
+                    "GROUP_CONCAT(0 ORDER BY ts) "
+                    f"FROM {table} WHERE ts >= {self._since_sql(layout)}"
+                    + (f" AND ts < {self._since_sql(layout)}" if until else "")
+                    + " GROUP BY sasl_username"
+                )
+                params: tuple[Any, ...] = (bound,) if before is None else (bound, format_ts(before))
+            else:
+                group = "user_key" if layout.has_user_key else "sasl_username"
+                filters = ["ts >= %s", "id <= %s"]
+                params = (bound, up_to_id)
+                if "origin" in layout.columns:
+                    filters.append("NOT (origin <=> %s)")
+                    params = (*params, exclude_origin)
+                if before is not None:
+                    filters.append("ts < %s")
+                    params = (*params, format_ts(before))
+                sql = (
+                    f"SELECT MIN(sasl_username), GROUP_CONCAT({ms} ORDER BY ts), "
+                    "GROUP_CONCAT(recipient_count ORDER BY ts), "
+                    f"GROUP_CONCAT({OUTCOME_CODE_SQL} ORDER BY ts) "
+                    f"FROM {table} WHERE {' AND '.join(filters)} GROUP BY {group}"
+                )
+            async with conn.cursor() as cursor:
+                # A busy user's list is longer than the default 1 KiB cap.
+                await cursor.execute("SET SESSION group_concat_max_len = 1073741824")
+                await cursor.execute(sql, params)
+                rows = await cursor.fetchall()
+            return [
+                UserHistory(_text(user), split_numbers(times), split_numbers(counts), split_numbers(codes))
+                for user, times, counts, codes in rows
+            ]
+
+        # The session setting stays with the pooled connection: harmless (no other query
+        # uses GROUP_CONCAT).  A long load gets a long bound: it runs once, at start.
+        return await self._run("loading the window", run, retry_safe=True, timeout=None)
+
+    async def tail(self, after_id: int, exclude_origin: str, limit: int) -> Tail:
+        async def run(conn: Any) -> Tail:
+            layout = await self._layout_of(conn)
+            if "id" not in layout.columns or "origin" not in layout.columns:
+                return Tail([], 0)
+            table = _q(self.table)
+            async with conn.cursor() as cursor:
+                await cursor.execute(
+                    f"SELECT id, sasl_username, {self._ms_sql(layout)}, recipient_count, {OUTCOME_CODE_SQL}, origin "
+                    f"FROM {table} WHERE id > %s AND NOT (origin <=> %s) ORDER BY id LIMIT %s",
+                    (after_id, exclude_origin, limit),
+                )
+                rows = await cursor.fetchall()
+                await cursor.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}")
+                top = await cursor.fetchone()
+            return Tail(
+                [
+                    TailRow(_int(row_id), _text(user), _int(at), _int(count), _int(code), _text(origin))
+                    for row_id, user, at, count, code, origin in rows
+                ],
+                _int(top[0]) if top else 0,
+            )
+
+        return await self._run("reading new events", run, retry_safe=True)
+
+    async def existing_event_ids(self, event_ids: Sequence[str], exclude_origin: str) -> set[str]:
+        async def run(conn: Any) -> set[str]:
+            layout = await self._layout_of(conn)
+            if "event_id" not in layout.columns or "origin" not in layout.columns:
+                return set()
+            found: set[str] = set()
+            async with conn.cursor() as cursor:
+                for start in range(0, len(event_ids), EVENT_ID_CHUNK):
+                    chunk = list(event_ids[start : start + EVENT_ID_CHUNK])
+                    marks = ", ".join(["%s"] * len(chunk))
+                    await cursor.execute(
+                        f"SELECT event_id FROM {_q(self.table)} WHERE event_id IN ({marks}) "
+                        "AND NOT (origin <=> %s)",
+                        [*chunk, exclude_origin],
+                    )
+                    found.update(_text(row[0]) for row in await cursor.fetchall())
+            return found
+
+        return await self._run("looking up event ids", run, retry_safe=True)
 
     async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
         bound = format_ts(since)

@@ -88,11 +88,16 @@ from policyd.logs import log
 from policyd.quota import Outcome
 from policyd.storage.base import (
     EVENT_COLUMNS,
+    EVENT_VALUES,
+    OUTCOME_CODE_SQL,
     PURGE_BATCH_ROWS,
     Event,
     SenderStats,
     Storage,
     StorageError,
+    Tail,
+    TailRow,
+    UserHistory,
     event_row,
     utc,
 )
@@ -107,6 +112,8 @@ CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 5.0
 # A migration may rewrite a big go-policyd table: give it time.
 MIGRATE_TIMEOUT = 3600.0
+# Reading the window at start (a few seconds for millions of rows).
+LOAD_TIMEOUT = 600.0
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 4
 CLOSE_TIMEOUT = 5.0
@@ -158,6 +165,8 @@ _COLUMNS = {
     "recipient_count": "integer",
     "action": "varchar(16) NOT NULL DEFAULT 'DUNNO'",
     "event_id": "char(32)",
+    "queue_id": "text",
+    "origin": "text",
 }
 _TEXT_COLUMNS = ("sasl_username", "sender", "client_address")
 
@@ -217,6 +226,8 @@ class _Plan:
 
 
 class PostgreSQLStorage(Storage):
+    shared = True
+
     def __init__(
         self,
         *,
@@ -521,7 +532,7 @@ class PostgreSQLStorage(Storage):
                 changes.append(
                     ("give sasl_username the default ''", "ALTER COLUMN sasl_username SET DEFAULT ''")
                 )
-        for name in ("recipient_count", "action", "event_id"):
+        for name in ("recipient_count", "action", "event_id", "queue_id", "origin"):
             if name not in columns:
                 changes.append((f"add column {name}", f"ADD COLUMN {name} {_COLUMNS[name]}"))
         primary_columns = list(primary["columns"]) if primary is not None else []
@@ -609,22 +620,23 @@ class PostgreSQLStorage(Storage):
 
         return await self._run("summing recipients", total)
 
-    async def add_events(self, events: Sequence[Event]) -> None:
+    async def add_events(self, events: Sequence[Event], origin: str | None = None) -> None:
         if not events:
             return
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+        columns: tuple[list[Any], ...] = tuple([] for _ in range(EVENT_VALUES))
         for event in events:
-            row = event_row(event, _ms)
+            row = event_row(event, _ms, origin)
             _check_no_nul("sasl_username", event.sasl_username)
             _check_no_nul("sender", event.sender)
             _check_no_nul("client_address", event.client_address)
+            _check_no_nul("queue_id", event.queue_id)
             for column, value in zip(columns, row, strict=True):
                 column.append(value)
         # One statement, so one transaction, whatever the number of rows.
         sql = (
             f"INSERT INTO {self._t} ({EVENT_COLUMNS}) "
             "SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], "
-            "$5::integer[], $6::text[], $7::text[]) "
+            "$5::integer[], $6::text[], $7::text[], $8::text[], $9::text[]) "
             "ON CONFLICT (event_id) DO NOTHING"
         )
 
@@ -632,6 +644,86 @@ class PostgreSQLStorage(Storage):
             await connection.execute(sql, *columns)
 
         await self._run("recording events", insert)
+
+    async def max_event_id(self) -> int:
+        async def top(connection: Any) -> int:
+            try:
+                return int(await connection.fetchval(f"SELECT COALESCE(MAX(id), 0) FROM {self._t}"))
+            except asyncpg.UndefinedColumnError:
+                return 0  # a go-policyd table not migrated yet has no ids: nothing to tail
+
+        return await self._run("reading the last event id", top)
+
+    async def load_window(
+        self, since: datetime, up_to_id: int, exclude_origin: str, before: datetime | None = None
+    ) -> list[UserHistory]:
+        since = _ms(since)
+        until = _ms(before) if before is not None else None
+        ms = "(extract(epoch FROM ts) * 1000)::bigint"
+        sql = (
+            f"SELECT sasl_username, array_agg({ms} ORDER BY ts), "
+            "array_agg(COALESCE(recipient_count, 0) ORDER BY ts), "
+            f"array_agg({OUTCOME_CODE_SQL} ORDER BY ts) "
+            f"FROM {self._t} WHERE ts >= $1::timestamptz AND id <= $2 AND origin IS DISTINCT FROM $3 "
+            "AND ($4::timestamptz IS NULL OR ts < $4::timestamptz) GROUP BY sasl_username"
+        )
+        legacy_sql = (
+            f"SELECT rtrim(sasl_username::text, ' '), array_agg({ms} ORDER BY ts), "
+            "array_agg(COALESCE(recipient_count, 0) ORDER BY ts), array_agg(0 ORDER BY ts) "
+            f"FROM {self._t} WHERE ts >= $1::timestamptz AND ($2::timestamptz IS NULL OR ts < $2::timestamptz) "
+            "GROUP BY 1"
+        )
+
+        async def load(connection: Any) -> list[Any]:
+            try:
+                rows: list[Any] = await connection.fetch(
+                    sql, since, up_to_id, exclude_origin, until, timeout=LOAD_TIMEOUT
+                )
+            except asyncpg.UndefinedColumnError:
+                rows = await connection.fetch(legacy_sql, since, until, timeout=LOAD_TIMEOUT)
+            return rows
+
+        rows = await self._run("loading the window", load)
+        return [
+            UserHistory(str(user), list(times), list(counts), list(codes))
+            for user, times, counts, codes in rows
+        ]
+
+    async def tail(self, after_id: int, exclude_origin: str, limit: int) -> Tail:
+        sql = (
+            f"SELECT id, sasl_username, (extract(epoch FROM ts) * 1000)::bigint, "
+            f"COALESCE(recipient_count, 0), {OUTCOME_CODE_SQL}, COALESCE(origin, '') "
+            f"FROM {self._t} WHERE id > $1 AND origin IS DISTINCT FROM $2 ORDER BY id LIMIT $3"
+        )
+
+        async def read(connection: Any) -> Tail:
+            try:
+                # One snapshot: the highest id and the rows agree.
+                async with connection.transaction(isolation="repeatable_read", readonly=True):
+                    rows = await connection.fetch(sql, after_id, exclude_origin, limit)
+                    top = await connection.fetchval(f"SELECT COALESCE(MAX(id), 0) FROM {self._t}")
+            except asyncpg.UndefinedColumnError:
+                return Tail([], 0)
+            return Tail(
+                [TailRow(int(a), str(b), int(c), int(d), int(e), str(f)) for a, b, c, d, e, f in rows],
+                int(top),
+            )
+
+        return await self._run("reading new events", read)
+
+    async def existing_event_ids(self, event_ids: Sequence[str], exclude_origin: str) -> set[str]:
+        sql = (
+            f"SELECT event_id FROM {self._t} WHERE event_id = ANY($1::text[]) AND origin IS DISTINCT FROM $2"
+        )
+
+        async def find(connection: Any) -> set[str]:
+            try:
+                rows = await connection.fetch(sql, list(event_ids), exclude_origin)
+            except asyncpg.UndefinedColumnError:
+                return set()
+            return {str(row[0]).strip() for row in rows}
+
+        return await self._run("looking up event ids", find)
 
     async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
         since = _ms(since)

@@ -19,12 +19,19 @@ import aiosqlite
 from policyd.quota import Outcome
 from policyd.storage.base import (
     EVENT_COLUMNS,
+    EVENT_ID_CHUNK,
+    EVENT_VALUES,
+    OUTCOME_CODE_SQL,
     PURGE_BATCH_ROWS,
     Event,
     SenderStats,
     Storage,
     StorageError,
+    Tail,
+    TailRow,
+    UserHistory,
     event_row,
+    split_numbers,
     utc,
 )
 
@@ -33,6 +40,9 @@ from policyd.storage.base import (
 BUSY_TIMEOUT_SECONDS = 5.0
 
 _TS_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+# ts (text) as milliseconds since the epoch: julianday() parses it in C; the double it
+# returns is exact to well under a millisecond, so rounding gives the stored value.
+_MS_SQL = "CAST(round((julianday(ts) - 2440587.5) * 86400000) AS INTEGER)"
 
 _COLUMNS = {
     "ts": "TEXT NOT NULL",
@@ -42,6 +52,8 @@ _COLUMNS = {
     "recipient_count": "INTEGER NOT NULL DEFAULT 0",
     "action": "TEXT NOT NULL DEFAULT 'DUNNO'",
     "event_id": "TEXT",
+    "queue_id": "TEXT",
+    "origin": "TEXT",
 }
 
 
@@ -180,22 +192,89 @@ class SQLiteStorage(Storage):
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
-    async def add_events(self, events: Sequence[Event]) -> None:
+    async def add_events(self, events: Sequence[Event], origin: str | None = None) -> None:
         if not events:
             return
         _, writer = self._connections()
-        rows = [event_row(event, format_ts) for event in events]
+        rows = [event_row(event, format_ts, origin) for event in events]
+        marks = ", ".join("?" * EVENT_VALUES)
         async with _wrapped_errors("recording events"):
             await writer.execute("BEGIN IMMEDIATE")
             try:
                 await writer.executemany(
-                    f"INSERT OR IGNORE INTO {self.table} ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows,
+                    f"INSERT OR IGNORE INTO {self.table} ({EVENT_COLUMNS}) VALUES ({marks})", rows
                 )
                 await writer.execute("COMMIT")
             except BaseException:
                 await writer.execute("ROLLBACK")
                 raise
+
+    async def max_event_id(self) -> int:
+        reader, _ = self._connections()
+        async with _wrapped_errors("reading the last event id"):
+            cursor = await reader.execute(f"SELECT MAX(rowid) FROM {self.table}")
+            row = await cursor.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def load_window(
+        self, since: datetime, up_to_id: int, exclude_origin: str, before: datetime | None = None
+    ) -> list[UserHistory]:
+        reader, _ = self._connections()
+        until = "" if before is None else " AND ts < ?"
+        params: tuple[object, ...] = (format_ts(since), up_to_id, exclude_origin)
+        if before is not None:
+            params = (*params, format_ts(before))
+        async with _wrapped_errors("loading the window"):
+            cursor = await reader.execute(
+                "SELECT sasl_username, group_concat(ms), group_concat(rc), group_concat(code) FROM ("
+                f"SELECT sasl_username, {_MS_SQL} AS ms, recipient_count AS rc, {OUTCOME_CODE_SQL} AS code "
+                f"FROM {self.table} WHERE ts >= ? AND rowid <= ? AND origin IS NOT ?{until} "
+                "ORDER BY sasl_username, ts) GROUP BY sasl_username",
+                params,
+            )
+            rows = await cursor.fetchall()
+        return [
+            UserHistory(str(user), split_numbers(times), split_numbers(counts), split_numbers(codes))
+            for user, times, counts, codes in rows
+        ]
+
+    async def tail(self, after_id: int, exclude_origin: str, limit: int) -> Tail:
+        reader, _ = self._connections()
+        async with _wrapped_errors("reading new events"):
+            # One read transaction: the highest id and the rows agree.
+            await reader.execute("BEGIN")
+            try:
+                cursor = await reader.execute(
+                    f"SELECT rowid, sasl_username, {_MS_SQL}, recipient_count, {OUTCOME_CODE_SQL}, origin "
+                    f"FROM {self.table} WHERE rowid > ? AND origin IS NOT ? ORDER BY rowid LIMIT ?",
+                    (after_id, exclude_origin, limit),
+                )
+                rows = await cursor.fetchall()
+                cursor = await reader.execute(f"SELECT MAX(rowid) FROM {self.table}")
+                top = await cursor.fetchone()
+            finally:
+                await reader.execute("COMMIT")
+        return Tail(
+            [
+                TailRow(int(row_id), str(user), int(at), int(count), int(code), str(origin or ""))
+                for row_id, user, at, count, code, origin in rows
+            ],
+            int(top[0]) if top and top[0] is not None else 0,
+        )
+
+    async def existing_event_ids(self, event_ids: Sequence[str], exclude_origin: str) -> set[str]:
+        reader, _ = self._connections()
+        found: set[str] = set()
+        async with _wrapped_errors("looking up event ids"):
+            for start in range(0, len(event_ids), EVENT_ID_CHUNK):
+                chunk = list(event_ids[start : start + EVENT_ID_CHUNK])
+                marks = ", ".join("?" * len(chunk))
+                cursor = await reader.execute(
+                    f"SELECT event_id FROM {self.table} WHERE event_id IN ({marks}) AND origin IS NOT ?",
+                    [*chunk, exclude_origin],
+                )
+                found.update(str(row[0]) for row in await cursor.fetchall())
+        return found
 
     async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
         reader, _ = self._connections()
