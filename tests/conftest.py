@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from policyd.config import Settings
+from policyd.daemon import Daemon
+from policyd.decider import utc_now
 from policyd.quota import QuotaRules
-from policyd.server import Daemon
 from policyd.storage import Storage, create_storage
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -220,7 +221,7 @@ async def run_daemon(
     settings: Settings, clock: Callable[[], datetime] | None = None
 ) -> AsyncIterator[RunningDaemon]:
     """The real daemon, in-process, on an ephemeral port."""
-    daemon = Daemon(settings, config_path=None)
+    daemon = Daemon(settings, config_path=None, clock=clock or utc_now)
     started = asyncio.Event()
     task = asyncio.create_task(daemon.run(ready=lambda _: started.set()))
     waiter = asyncio.create_task(started.wait())
@@ -229,9 +230,6 @@ async def run_daemon(
         waiter.cancel()
         task.result()  # raises what went wrong
     assert waiter in done, "daemon did not start in 15s"
-    if clock is not None:
-        assert daemon.accountant is not None
-        daemon.accountant.clock = clock
     running = RunningDaemon(daemon, task)
     try:
         yield running

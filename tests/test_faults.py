@@ -678,13 +678,18 @@ def check_events(
 
 
 async def check_quotas(
-    report: Report, policyd: Policyd, database: FaultDatabase, expected: Counter[str]
+    report: Report,
+    policyd: Policyd,
+    database: FaultDatabase,
+    expected: Counter[str],
+    in_window: Counter[str] | None = None,
 ) -> None:
-    """The database holds exactly `expected` recipients per user, and the daemon decides by it.
+    """The database holds exactly `expected` recipients per user, and the daemon decides
+    by `in_window` (by default the same: every answered event is in the database).
 
     For each user: a message that brings the total to quota - 1 is DUNNO only if the
-    daemon sees no more than `expected`; one more recipient is HOLD only if it sees no
-    less.  Both answers right: the daemon sees exactly the database's total.
+    daemon counts no more than it should; one more recipient is HOLD only if it counts
+    no less.  Both answers right: the daemon counts exactly that.
     """
     rows = await database.query(
         "SELECT sasl_username, SUM(recipient_count) FROM events "
@@ -695,10 +700,11 @@ async def check_quotas(
         in_database == expected,
         f"recipients per user in the database {dict(in_database)}, sent {dict(expected)}",
     )
+    counted = in_window if in_window is not None else in_database
     client = await PolicyClient.connect(policyd.address)
     try:
         for user in USERS:
-            total = in_database[user]
+            total = counted[user]
             answers = (
                 await client.ask(
                     sasl_username=user, sender="check@example.org", recipient_count=QUOTA - total - 1
@@ -707,8 +713,8 @@ async def check_quotas(
             )
             report.check(
                 answers == ("DUNNO", HOLD),
-                f"{user}: with {total} recipients in the database, to {QUOTA - 1} then {QUOTA} "
-                f"answered {answers}, not ('DUNNO', {HOLD!r}): the daemon does not see what the database holds",
+                f"{user}: with {total} recipients answered, to {QUOTA - 1} then {QUOTA} "
+                f"answered {answers}, not ('DUNNO', {HOLD!r}): the daemon does not count what it answered",
             )
     finally:
         await client.close()
@@ -945,5 +951,48 @@ async def test_spool_fills_to_its_bound(
             f"lines about the loss: {losses}",
         )
         check_outage_log(report, policyd, allowed=(f"spool: {policyd.spool} would exceed",))
-        await check_quotas(report, policyd, fault_db, load.counted_totals(in_db))
+        # The window counts every answered event, the dropped ones too (they were sent);
+        # the database lacks exactly the dropped ones.
+        await check_quotas(
+            report, policyd, fault_db, load.counted_totals(in_db), in_window=load.counted_totals()
+        )
         report.check(policyd.terminate() == 0, "policyd did not exit 0 on SIGTERM")
+
+
+# ---------------------------------------------------------------------------
+# (d) a restart during an outage keeps counting what the spool holds
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault_db", BACKENDS, indirect=True)
+async def test_restart_during_an_outage_counts_the_spool(
+    fault_db: FaultDatabase, policyd_factory: Any
+) -> None:
+    """A user at 19 of 20, spooled during an outage; kill -9 and restart with the database
+    still down: the next recipient is HOLD, not a fresh start."""
+    policyd: Policyd = policyd_factory(fault_db.url, defaultquota="20", rejectquota="40")
+    await policyd.start()
+    load = Load(policyd.port)
+    assert await load.ask("other", 1) == "DUNNO"  # in the database
+    await fault_db.stop()
+    assert await load.ask("victim", 10) == "DUNNO"  # spooled
+    await wait_for_log(policyd, OUTAGE_STARTED)
+    assert await load.ask("victim", 9) == "DUNNO"  # 19: spooled
+    policyd.kill()
+    await policyd.start()  # the database is still down
+    await wait_for_log(policyd, "2 events from a previous run are waiting", run=1)
+    assert await load.ask("victim", 1) == HOLD  # 20: counted from the spool
+    await fault_db.start()
+    await wait_until_recovered(policyd, run=1)
+    # Every answered event is in the database once; the window now holds the database.
+    rows = await fault_db.events()
+    assert sorted((user, recipients, action) for _, user, recipients, action in rows) == [
+        ("other", 1, "DUNNO"),
+        ("victim", 1, "HOLD"),
+        ("victim", 9, "DUNNO"),
+        ("victim", 10, "DUNNO"),
+    ]
+    assert await load.ask("victim", 19) == HOLD  # 39
+    assert await load.ask("victim", 1) == REJECT  # 40
+    assert await load.ask("other", 1) == "DUNNO"
+    assert policyd.terminate() == 0

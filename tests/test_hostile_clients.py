@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policyd.server import Daemon
+from policyd.daemon import Daemon
 from tests.conftest import encode_request, make_settings
 
 

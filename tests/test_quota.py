@@ -15,6 +15,7 @@ from policyd.protocol import PolicyRequest, RequestParser
 from policyd.quota import (
     COUNTING_STAGES,
     DEFAULT_OFFICE_HOURS,
+    Limit,
     Message,
     OfficeHours,
     Outcome,
@@ -22,6 +23,7 @@ from policyd.quota import (
     RequestValueError,
     Verdict,
     counted_outcomes,
+    decide,
     decide_quota,
     precheck,
 )
@@ -138,11 +140,55 @@ def test_custom_thresholds(quota: int, reject_quota: int, total: int, action: st
 
 def test_verdict_reasons() -> None:
     rules = QuotaRules()
-    assert decide_quota(rules, 1) == Verdict(DUNNO, Outcome.DUNNO, record=True, reason="within quota")
-    assert decide_quota(rules, 1500) == Verdict(HOLD, Outcome.HOLD, record=True, reason="over quota")
-    assert decide_quota(rules, 3000) == Verdict(
-        REJECT, Outcome.REJECT, record=True, reason="over reject quota"
+    [primary] = rules.limits
+    assert primary == Limit(1500, 3000, timedelta(hours=24))
+    assert decide_quota(rules, 1) == Verdict(
+        DUNNO, Outcome.DUNNO, record=True, reason="within quota", totals=(1,), total=1
     )
+    assert decide_quota(rules, 1500) == Verdict(
+        HOLD, Outcome.HOLD, record=True, reason="over quota", totals=(1500,), limit=primary, total=1500
+    )
+    assert decide_quota(rules, 3000) == Verdict(
+        REJECT,
+        Outcome.REJECT,
+        record=True,
+        reason="over reject quota",
+        totals=(3000,),
+        limit=primary,
+        total=3000,
+    )
+
+
+HOUR_LIMIT = Limit(300, 600, timedelta(hours=1), name="hourly")
+
+
+def test_the_strictest_limit_decides_and_is_named() -> None:
+    rules = QuotaRules(extra_limits=(HOUR_LIMIT,))
+    assert [limit.window for limit in rules.limits] == [timedelta(hours=24), timedelta(hours=1)]
+    within = decide(rules, (1000, 299))
+    assert (within.action, within.limit, within.totals) == (DUNNO, None, (1000, 299))
+    hourly = decide(rules, (1000, 300))
+    assert (hourly.action, hourly.limit, hourly.total) == ("HOLD quota exceeded (hourly)", HOUR_LIMIT, 300)
+    # The primary limit keeps go-policyd's words; a REJECT anywhere beats a HOLD anywhere.
+    assert decide(rules, (1500, 300)).action == HOLD
+    assert decide(rules, (1500, 600)).action == "REJECT max quota exceeded (hourly)"
+    assert decide(rules, (3000, 600)).action == REJECT
+    unnamed = decide(QuotaRules(extra_limits=(Limit(10, 20, timedelta(minutes=5)),)), (1, 10))
+    assert unnamed.action == "HOLD quota exceeded (10/5m)"
+    with pytest.raises(ValueError, match="2 limits"):
+        decide(rules, (1,))
+
+
+@settings(max_examples=300, deadline=None)
+@given(totals=st.lists(st.integers(0, 5000), min_size=3, max_size=3))
+def test_several_limits_are_the_strictest_of_each_alone(totals: list[int]) -> None:
+    limits = (Limit(1000, 2000, timedelta(hours=1)), Limit(400, 800, timedelta(minutes=10)))
+    rules = QuotaRules(quota=1500, reject_quota=3000, extra_limits=limits)
+    alone = [
+        decide(QuotaRules(quota=limit.hold, reject_quota=limit.reject, window=limit.window), (total,)).outcome
+        for limit, total in zip(rules.limits, totals, strict=True)
+    ]
+    assert decide(rules, totals).outcome == max(alone, key=_RANK.__getitem__)
 
 
 _RANK = {Outcome.DUNNO: 0, Outcome.HOLD: 1, Outcome.REJECT: 2}
@@ -253,13 +299,34 @@ def test_missing_or_empty_recipient_count_is_zero() -> None:
     assert message(recipient_count="").recipient_count == 0
 
 
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("4ABCDEF", "4ABCDEF"),
+        ("4Sg9Zx1Y4Nz9vBt", "4Sg9Zx1Y4Nz9vBt"),
+        ("", ""),
+        ("x" * 65, ""),
+        ("4AB;DROP", ""),
+    ],
+)
+def test_queue_id_is_kept_only_when_it_looks_like_postfixs(sent: str, kept: str) -> None:
+    assert message(queue_id=sent).queue_id == kept
+
+
 def test_request_value_error_is_a_value_error() -> None:
     assert issubclass(RequestValueError, ValueError)
 
 
 def test_golden_requests_become_messages() -> None:
     eom = Message.from_request(golden("end-of-message"))
-    assert eom == Message("alice@example.org", "alice@example.org", "192.0.2.45", 3, "END-OF-MESSAGE")
+    assert eom == Message(
+        "alice@example.org",
+        "alice@example.org",
+        "192.0.2.45",
+        3,
+        "END-OF-MESSAGE",
+        queue_id="4Sg9Zx1Y4Nz9vBt",
+    )
     data = Message.from_request(golden("data"))
     assert (data.sasl_username, data.sender, data.recipient_count) == (
         "bob.smith@example.com",

@@ -258,7 +258,7 @@ async def test_database_locked_answers_in_time_spools_and_replays(
     assert not Path(settings.spool).exists() or Path(settings.spool).stat().st_size == 0
 
 
-async def test_unknown_users_get_db_error_action_known_users_are_decided_from_memory(
+async def test_during_an_outage_every_user_is_decided_from_the_window(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = f"sqlite://{tmp_path}/policyd.sqlite"
@@ -267,14 +267,38 @@ async def test_unknown_users_get_db_error_action_known_users_are_decided_from_me
     async with run_daemon(settings) as daemon:
         client = await daemon.client()
         assert await client.ask(recipient_count=8) == "DUNNO"
-        # The table disappears under the daemon (a restore gone wrong): reads now fail.
+        # The table disappears under the daemon (a restore gone wrong): writes now fail.
         with sqlite3.connect(tmp_path / "policyd.sqlite") as other:
             other.execute("DROP TABLE events")
-        assert await client.ask(sasl_username="bob") == "DEFER_IF_PERMIT try later"
-        assert await client.ask(recipient_count=1) == "DUNNO"  # alice: 8 + 1, from memory
+        # The window was loaded at start: bob is known to have sent nothing.
+        assert await client.ask(sasl_username="bob") == "DUNNO"
+        assert await client.ask(recipient_count=1) == "DUNNO"  # alice: 8 + 1, from the window
         assert await client.ask(recipient_count=1) == "HOLD quota exceeded"  # 10
         await client.close()
     assert caplog.text.count("database unavailable") == 1
+
+
+async def test_database_down_since_start_unknown_users_get_db_error_action(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    settings = make_settings(
+        f"sqlite://{blocker}/policyd.sqlite",
+        db_error_action="DEFER_IF_PERMIT try later",
+        quota=10,
+        spool=str(tmp_path / "policyd.spool"),
+    )
+    caplog.set_level(logging.INFO, "policyd")
+    async with run_daemon(settings) as daemon:
+        client = await daemon.client()
+        # No history could be read: a user never seen gets db_error_action; the message
+        # is recorded (not counted: it was deferred) and the user is known from now on.
+        assert await client.ask(recipient_count=8) == "DEFER_IF_PERMIT try later"
+        assert await client.ask(recipient_count=9) == "DUNNO"  # decided from the window: 9
+        assert await client.ask(recipient_count=1) == "HOLD quota exceeded"  # 10
+        await client.close()
+    assert "cannot open the database" in caplog.text
 
 
 async def test_quota_survives_a_restart(sqlite_url: str) -> None:

@@ -9,6 +9,7 @@ message is recorded exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from policyd.decider import to_ms
 from policyd.quota import Outcome
 from policyd.storage import create_storage
-from tests.conftest import PolicyClient, free_port
+from tests.conftest import PolicyClient, free_port, make_settings, run_daemon
 
 DAEMONS = 3
 CONNECTIONS_PER_DAEMON = 4
@@ -135,3 +137,48 @@ async def test_one_quota_shared_by_several_daemons(shared_database: str, tmp_pat
         assert (top.sasl_username, top.recipients, top.messages) == ("hot", sent, len(results))
     finally:
         await storage.close()
+
+
+# ---------------------------------------------------------------------------
+# the bound: how soon a message accepted by one daemon is counted by the others
+# ---------------------------------------------------------------------------
+
+# docs/shared-database.md states this bound (tail interval + a commit + a query, with room).
+COUNTED_ELSEWHERE_WITHIN = 1.0
+
+
+async def test_a_message_is_counted_by_the_other_daemons_within_the_bound(
+    database: tuple[str, str],
+) -> None:
+    url, table = database
+    settings = make_settings(url, table, quota=1000, reject_quota=2000)
+    delays: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        daemons = [await stack.enter_async_context(run_daemon(settings)) for _ in range(3)]
+        clients = [await daemon.client() for daemon in daemons]
+        for trial in range(12):
+            sender = trial % 3
+            user = f"trial{trial}"
+            assert await clients[sender].ask(sasl_username=user, recipient_count=7) == "DUNNO"
+            answered = time.monotonic()
+            others = [daemon.daemon for index, daemon in enumerate(daemons) if index != sender]
+            while True:
+                totals = [_total(other, user) for other in others]
+                if totals == [7, 7]:
+                    break
+                assert time.monotonic() - answered < 5, totals
+                await asyncio.sleep(0.005)
+            delays.append(time.monotonic() - answered)
+        for client in clients:
+            await client.close()
+    print(
+        f"\ncounted by the other daemons after: max {max(delays) * 1000:.0f} ms, "
+        f"mean {sum(delays) / len(delays) * 1000:.0f} ms"
+    )
+    assert max(delays) <= COUNTED_ELSEWHERE_WITHIN
+
+
+def _total(daemon: Any, user: str) -> int:
+    decider = daemon.decider
+    [total] = decider.totals(user, to_ms(decider.clock()), decider.settings.rules)
+    return int(total)

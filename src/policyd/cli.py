@@ -96,7 +96,7 @@ def main() -> None:
 @click.option("-f", "--foreground", is_flag=True, help="Log to the terminal (stderr) instead of syslog.")
 def serve(config_path: str, foreground: bool) -> None:
     """Run the policy daemon (until SIGTERM; SIGHUP reloads the configuration)."""
-    from policyd.server import run_daemon
+    from policyd.daemon import run_daemon
 
     settings = load_or_exit(config_path)
     setup_logging(foreground, settings.log_level)
@@ -127,7 +127,7 @@ def check_config(config_path: str) -> None:
 @click.option("-w", "--window", default="24h", show_default=True, help="How far back (e.g. 1h, 24h, 7d).")
 def top(config_path: str, limit: int, window: str) -> None:
     """Show the users who sent to the most recipients recently."""
-    from policyd.accounting import utc_now
+    from policyd.decider import utc_now
 
     settings = load_or_exit(config_path)
     span = _duration_or_exit(window)
@@ -154,7 +154,7 @@ def top(config_path: str, limit: int, window: str) -> None:
 )
 def purge(config_path: str, older_than: str | None) -> None:
     """Delete old events now (the daemon also does it every day)."""
-    from policyd.server import purge_old_events
+    from policyd.maintenance import purge_old_events
 
     settings = load_or_exit(config_path)
     retention = _duration_or_exit(older_than) if older_than else settings.retention

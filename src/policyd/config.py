@@ -241,14 +241,14 @@ KEYS: dict[str, tuple[Any, str]] = {
     ),
     "window": (parse_duration, "sliding window the quota applies to (default 24h)"),
     "retention": (parse_duration, "how long events are kept (default 7d)"),
-    "db_timeout": (parse_duration, "longest wait on the database per request (default 0.5s)"),
+    "db_timeout": (parse_duration, "longest a request waits for its event to be recorded (default 0.5s)"),
     "db_retry": (
         parse_duration,
-        "after a database failure, how long to decide from memory before trying again (default 2s)",
+        "after a database failure, how long to spool events before trying again (default 2s)",
     ),
     "db_error_action": (
         parse_action,
-        "answer when the database fails and the user is unknown (default DUNNO)",
+        "answer for an unknown user while the window could not be read from the database (default DUNNO)",
     ),
     "spool": (parse_text, f"file keeping events while the database is down (default {DEFAULT_SPOOL})"),
     "spool_max_size": (parse_size, "largest the spool may grow (default 256M)"),

@@ -1,17 +1,22 @@
-"""The quota decision: pure functions of a message, the user's recent total and the time.
+"""The quota decision: pure functions of a message, the user's recent totals and the time.
 
-No I/O here.  The caller (accounting.py) asks storage for the user's total, hands it to
-``decide_quota`` and records what it returns.
+No I/O here.  The caller (decider.py) reads the user's totals from the in-memory window
+(window.py), hands them to ``decide`` and records the message with what it returns.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
 
 from policyd.protocol import PolicyRequest
+
+# A Postfix queue id: hexadecimal (short ids) or base-52 letters and digits (long ids,
+# enable_long_queue_ids).  Anything else is not recorded (the message is still counted).
+_QUEUE_ID_RE = re.compile(r"[0-9A-Za-z]{1,64}")
 
 # Stages at which Postfix knows the final recipient_count.  END-OF-MESSAGE is the one
 # to use (smtpd_end_of_data_restrictions); DATA works too (smtpd_data_restrictions).
@@ -39,6 +44,7 @@ class Message:
     client_address: str
     recipient_count: int
     protocol_state: str
+    queue_id: str = ""
 
     @classmethod
     def from_request(cls, request: PolicyRequest) -> Message:
@@ -53,17 +59,51 @@ class Message:
             client_address=request.get("client_address"),
             recipient_count=int(raw_count),
             protocol_state=request.get("protocol_state").upper(),
+            queue_id=queue_id if _QUEUE_ID_RE.fullmatch(queue_id := request.get("queue_id")) else "",
         )
 
 
 @dataclass(frozen=True, slots=True)
+class Limit:
+    """At most `hold` recipients per `window` before HOLD, and REJECT from `reject`."""
+
+    hold: int
+    reject: int
+    window: timedelta
+    # How the limit is named in log lines and replies; "" for the primary limit
+    # (defaultquota / rejectquota / window), whose lines stay go-policyd's.
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.hold}/{_duration_text(self.window)}"
+
+
+def _duration_text(window: timedelta) -> str:
+    seconds = int(window.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0 and seconds >= size and not (unit == "d" and seconds < 2 * 86400):
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
-    """The answer to Postfix and whether (and how) the message is recorded."""
+    """The answer to Postfix, whether (and how) the message is recorded, and why.
+
+    For a counted message, `totals` holds the user's recipients in each limit's window
+    (this message included, in the order of QuotaRules.limits) and `limit` the limit
+    that decided a HOLD or REJECT (None when within every limit).
+    """
 
     action: str
     outcome: Outcome
     record: bool
     reason: str
+    totals: tuple[int, ...] = ()
+    limit: Limit | None = None
+    # The total in the deciding limit's window (the first limit's when within all).
+    total: int = 0
 
 
 _DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -131,7 +171,7 @@ DEFAULT_OFFICE_HOURS = "Mon-Fri 07:00-20:00"
 
 @dataclass(frozen=True, slots=True)
 class QuotaRules:
-    """Everything the decision depends on apart from the message, the total and the time."""
+    """Everything the decision depends on apart from the message, the totals and the time."""
 
     quota: int = 1500
     reject_quota: int = 3000
@@ -141,6 +181,14 @@ class QuotaRules:
     whitelist: frozenset[str] = field(default_factory=frozenset)  # lower-cased
     blacklist: frozenset[str] = field(default_factory=frozenset)  # lower-cased
     whitelist_hours: OfficeHours = field(default_factory=lambda: OfficeHours.parse(DEFAULT_OFFICE_HOURS))
+    # Limits beyond the primary one (quota / reject_quota / window), e.g. 300 per hour.
+    extra_limits: tuple[Limit, ...] = ()
+    # The primary limit first, then the others: the order of Verdict.totals.
+    limits: tuple[Limit, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        primary = Limit(self.quota, self.reject_quota, self.window)
+        object.__setattr__(self, "limits", (primary, *self.extra_limits))
 
     def listed(self, names: frozenset[str], message: Message) -> bool:
         return bool(names) and any(
@@ -167,13 +215,46 @@ def precheck(rules: QuotaRules, message: Message, local_now: datetime) -> Verdic
     return None
 
 
+_HOLD_ACTION = "HOLD quota exceeded"
+_REJECT_ACTION = "REJECT max quota exceeded"
+
+
+def decide(rules: QuotaRules, totals: Sequence[int]) -> Verdict:
+    """The verdict for a counted message, given the user's total in each limit's window
+    *including* this message (in the order of ``rules.limits``).
+
+    The strictest outcome over all limits wins; between limits with the same outcome,
+    the first (the primary limit comes first).
+    """
+    limits = rules.limits
+    if len(totals) != len(limits):
+        raise ValueError(f"{len(totals)} totals for {len(limits)} limits")
+    worst = -1
+    worst_rank = 0
+    for index, (limit, total) in enumerate(zip(limits, totals, strict=True)):
+        rank = 2 if total >= limit.reject else 1 if total >= limit.hold else 0
+        if rank > worst_rank:
+            worst, worst_rank = index, rank
+    totals = tuple(totals)
+    if worst < 0:
+        return Verdict(
+            "DUNNO", Outcome.DUNNO, record=True, reason="within quota", totals=totals, total=totals[0]
+        )
+    limit = limits[worst]
+    named = f" ({limit.label})" if limit.name or worst > 0 else ""
+    if worst_rank == 2:
+        action, outcome, reason = _REJECT_ACTION + named, Outcome.REJECT, "over reject quota"
+    else:
+        action, outcome, reason = _HOLD_ACTION + named, Outcome.HOLD, "over quota"
+    return Verdict(
+        action, outcome, record=True, reason=reason, totals=totals, limit=limit, total=totals[worst]
+    )
+
+
 def decide_quota(rules: QuotaRules, recipients_last_24h: int) -> Verdict:
-    """The verdict for a counted message, given the user's total *including* this message."""
-    if recipients_last_24h >= rules.reject_quota:
-        return Verdict("REJECT max quota exceeded", Outcome.REJECT, record=True, reason="over reject quota")
-    if recipients_last_24h >= rules.quota:
-        return Verdict("HOLD quota exceeded", Outcome.HOLD, record=True, reason="over quota")
-    return Verdict("DUNNO", Outcome.DUNNO, record=True, reason="within quota")
+    """The verdict for a counted message under the primary limit alone (its total
+    including this message)."""
+    return decide(replace(rules, extra_limits=()), (recipients_last_24h,))
 
 
 def counted_outcomes(rules: QuotaRules) -> tuple[Outcome, ...]:

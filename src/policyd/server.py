@@ -1,8 +1,8 @@
-"""The daemon: listening sockets, connections, and the process lifecycle.
+"""The policy listener: sockets, connections, their limits, and answering in order.
 
-Reads top-down like the life of the process: ``run_daemon`` opens storage, starts the
-listeners, waits for a signal, then shuts down in order (stop accepting, let requests
-in flight finish, flush pending writes, close storage).
+Each connection reads requests, hands each to the decider and writes the answers back
+in order.  Everything else about the process (storage, the window, background tasks,
+signals) is daemon.py's.
 """
 
 from __future__ import annotations
@@ -11,20 +11,16 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import signal
 import socket
 import stat
 import time
-from collections.abc import Callable
-from datetime import timedelta
 
-from policyd import __version__, systemd
-from policyd.accounting import Accountant, describe_error, utc_now
-from policyd.config import ConfigError, Settings, load_settings
-from policyd.logs import log, set_level
+from policyd.config import Settings
+from policyd.decider import Decider
+from policyd.logs import log
 from policyd.protocol import ProtocolError, RequestParser, format_reply
 from policyd.quota import RequestValueError
-from policyd.storage import Storage, StorageError, create_storage
+from policyd.stats import Stats
 
 # Connection limits, each with its reason.
 READ_CHUNK_BYTES = 64 * 1024
@@ -38,15 +34,8 @@ WRITE_TIMEOUT_SECONDS = 30.0
 # A Postfix smtpd process serves at most max_use (100) SMTP sessions before it exits,
 # so no real connection comes near this; it only bounds what one client can make us do.
 MAX_REQUESTS_PER_CONNECTION = 1_000_000
-# After SIGTERM, how long requests in flight and queued writes get to finish.
+# After SIGTERM, how long requests in flight get to finish.
 SHUTDOWN_GRACE_SECONDS = 10.0
-# At start, how long to wait for the database before listening anyway (a schema
-# migration of a big table may take longer; requests are answered from memory meanwhile).
-CONNECT_WAIT_SECONDS = 30.0
-# How often `systemctl status` gets fresh counters.
-STATUS_INTERVAL_SECONDS = 10.0
-# How often old events are purged (and once at start).
-PURGE_INTERVAL = timedelta(days=1)
 
 
 class Connection:
@@ -64,7 +53,7 @@ class Connection:
 
     async def serve(self) -> None:
         parser = RequestParser()
-        accountant = self.server.accountant
+        decider = self.server.decider
         reader, writer = self.reader, self.writer
         request_deadline = 0.0
         try:
@@ -94,8 +83,8 @@ class Connection:
                 if requests:
                     self.busy = True
                     for request in requests:
-                        action = await accountant.decide(request)
-                        writer.write(format_reply(action))
+                        verdict = await decider.decide(request)
+                        writer.write(format_reply(verdict.action))
                     async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
                         await writer.drain()
                     self.busy = False
@@ -140,13 +129,13 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
 class PolicyServer:
     """Listeners and the connections they accepted."""
 
-    def __init__(self, settings: Settings, accountant: Accountant) -> None:
+    def __init__(self, settings: Settings, decider: Decider, stats: Stats) -> None:
         self.settings = settings
-        self.accountant = accountant
+        self.decider = decider
+        self.stats = stats
         self.listeners: list[asyncio.Server] = []
         self.connections: dict[asyncio.Task[None], Connection] = {}
         self.requests = 0
-        self.refused_connections = 0
         self.closing = False
         self._last_refusal_log = 0.0
 
@@ -194,6 +183,7 @@ class PolicyServer:
                 f"connection refused: {len(self.connections)} open, max_connections is {self.settings.max_connections}",
             )
             return
+        self.stats.connections_accepted += 1
         connection = Connection(self, reader, writer)
         task = asyncio.current_task()
         assert task is not None
@@ -218,11 +208,11 @@ class PolicyServer:
 
     def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
         """Close at once; log the first refusal and then at most one line per 10s."""
-        self.refused_connections += 1
+        self.stats.connections_refused += 1
         now = time.monotonic()
         if now - self._last_refusal_log > 10:
             self._last_refusal_log = now
-            log.warning("%s (%d refused so far)", reason, self.refused_connections)
+            log.warning("%s (%d refused so far)", reason, self.stats.connections_refused)
         writer.close()
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
@@ -251,196 +241,3 @@ def _remove_stale_socket(path: str) -> None:
     with contextlib.suppress(OSError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.unlink(path)
-
-
-async def purge_old_events(storage: Storage, retention: timedelta) -> int:
-    """Delete events older than `retention`; returns how many."""
-    before = utc_now() - retention
-    started = time.monotonic()
-    deleted = await storage.purge(before)
-    log.info(
-        "purged %d events older than %s in %.1fs",
-        deleted,
-        before.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        time.monotonic() - started,
-    )
-    return deleted
-
-
-async def _purge_every_day(storage: Storage, accountant: Accountant, connected: asyncio.Task[None]) -> None:
-    await connected
-    while True:
-        try:
-            await purge_old_events(storage, accountant.settings.retention)
-        except StorageError as error:
-            log.error("purge failed: %s (will try again in %s)", describe_error(error), PURGE_INTERVAL)
-        await asyncio.sleep(PURGE_INTERVAL.total_seconds())
-
-
-class Daemon:
-    """The whole process: storage, accountant, listeners, signals."""
-
-    def __init__(self, settings: Settings, config_path: str | None) -> None:
-        self.settings = settings
-        self.config_path = config_path
-        self.stopping = asyncio.Event()
-        self.server: PolicyServer | None = None
-        self.accountant: Accountant | None = None
-
-    async def run(self, ready: Callable[[Daemon], None] | None = None) -> None:
-        storage = create_storage(self.settings.database, self.settings.table)
-        first_attempt = asyncio.Event()
-        connect_task = asyncio.create_task(self._connect(storage, first_attempt), name="policyd-connect")
-        # A database that is down at start does not stop the daemon: it answers from the
-        # spool and memory until the database is reachable (connect() keeps trying).  It
-        # starts listening as soon as the first attempt to connect has succeeded or failed.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CONNECT_WAIT_SECONDS):
-                await first_attempt.wait()
-        accountant = self.accountant = Accountant(storage, self.settings)
-        await accountant.start()
-        purge_task = asyncio.create_task(
-            _purge_every_day(storage, accountant, connect_task), name="policyd-purge"
-        )
-        server = self.server = PolicyServer(self.settings, accountant)
-        watchdog_task: asyncio.Task[None] | None = None
-        try:
-            await server.start()
-            self._install_signal_handlers()
-            log.info(
-                "policyd %s started: listening on %s, storage %s, quota %d/%s (reject from %d)",
-                __version__,
-                ", ".join(server.addresses),
-                storage.description,
-                self.settings.rules.quota,
-                _window_text(self.settings.rules.window),
-                self.settings.rules.reject_quota,
-            )
-            systemd.ready(self.status_line())
-            watchdog_task = asyncio.create_task(self._report_to_systemd(), name="policyd-systemd")
-            if ready is not None:
-                ready(self)
-            await self.stopping.wait()
-            systemd.stopping()
-            log.info("stopping: %d requests answered", server.requests)
-        finally:
-            await server.stop()
-            purge_task.cancel()
-            if watchdog_task is not None:
-                watchdog_task.cancel()
-            connect_task.cancel()
-            await accountant.close()
-            await storage.close()
-            log.info("stopped")
-
-    def status_line(self) -> str:
-        """One line of live counters, shown by `systemctl status policyd`."""
-        if self.server is None or self.accountant is None:
-            return "starting"
-        decisions = self.accountant.decisions
-        outage = self.accountant.outage
-        database = "database unavailable, deciding from memory" if outage.active else "database ok"
-        return (
-            f"{self.server.requests} requests: {decisions['DUNNO']} dunno, {decisions['HOLD']} held, "
-            f"{decisions['REJECT']} rejected; {len(self.server.connections)} connections; {database}; "
-            f"spool {self.accountant.writer.spool.pending_bytes} bytes"
-        )
-
-    async def _report_to_systemd(self) -> None:
-        """Watchdog pings (when systemd asks for them) and the status line, while running."""
-        interval = systemd.watchdog_interval() or STATUS_INTERVAL_SECONDS
-        while True:
-            systemd.watchdog_ping()
-            systemd.status(self.status_line())
-            await asyncio.sleep(min(interval, STATUS_INTERVAL_SECONDS))
-
-    async def _connect(self, storage: Storage, first_attempt: asyncio.Event) -> None:
-        """Open storage and bring its schema up to date, retrying until it works."""
-        failures = 0
-        while True:
-            try:
-                await storage.open()
-                for step in await storage.migrate():
-                    log.info("schema: %s", step)
-            except StorageError as error:
-                first_attempt.set()
-                failures += 1
-                if failures == 1:
-                    log.error(
-                        "cannot open the database (%s); retrying every %gs", error, self.settings.db_retry
-                    )
-                await storage.close()
-                await asyncio.sleep(self.settings.db_retry)
-                continue
-            first_attempt.set()
-            if failures:
-                log.warning("database opened after %d failed attempts", failures)
-            return
-
-    def _install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-            loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
-
-    def reload(self) -> None:
-        """SIGHUP: re-read the config file; a bad file keeps the old settings."""
-        if self.config_path is None or self.accountant is None:
-            return
-        try:
-            new = load_settings(self.config_path)
-        except ConfigError as error:
-            log.error("reload refused, keeping the old settings: %s", "; ".join(error.problems))
-            return
-        old = self.settings
-        for key, reason in (
-            ("database", "database"),
-            ("table", "policy_table"),
-            ("bind", "bind"),
-            ("port", "port"),
-            ("socket", "socket"),
-            ("spool", "spool"),
-            ("spool_max_size", "spool_max_size"),
-        ):
-            if getattr(new, key) != getattr(old, key):
-                log.warning("reload: %s changed, it takes effect only after a restart", reason)
-        self.settings = new
-        self.accountant.reload(new)
-        if self.server is not None:
-            self.server.settings = new  # allowed_clients, max_connections
-        set_level(new.log_level)
-        for warning in new.warnings:
-            log.warning("%s", warning)
-        log.info(
-            "reloaded %s: quota %d, reject from %d", self.config_path, new.rules.quota, new.rules.reject_quota
-        )
-
-
-def _window_text(window: timedelta) -> str:
-    hours = window.total_seconds() / 3600
-    return f"{hours:g}h"
-
-
-def run_daemon(settings: Settings, config_path: str | None) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status."""
-    daemon = Daemon(settings, config_path)
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(daemon.run())
-    except StorageError as error:
-        log.error("cannot start: %s", error)
-        return 1
-    except OSError as error:
-        log.error("cannot listen: %s", error)
-        return 1
-    return 0
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory

@@ -1,0 +1,287 @@
+"""The process: builds the parts, runs the background tasks, starts and stops them in order.
+
+Reads top-down like the life of the process: open the spool and count what a previous
+run left in it, connect to the database and load the window from it, start the writer,
+listen, then wait for a signal; at the end stop listening, let requests in flight
+finish, flush the queued events, close storage.
+
+A database that is down at start does not stop the daemon: it listens as soon as the
+first attempt to connect has failed, decides from what it knows (a user it knows nothing
+about gets `db_error_action`), spools events, and loads the window once it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import secrets
+import signal
+import socket
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+from policyd import __version__, systemd
+from policyd.config import ConfigError, Settings, load_settings
+from policyd.decider import Decider, to_ms, utc_now, window_spans
+from policyd.logs import log, set_level
+from policyd.maintenance import purge_every_day
+from policyd.outage import Outage
+from policyd.server import PolicyServer
+from policyd.spool import Spool
+from policyd.stats import Stats
+from policyd.storage import Storage, StorageError, create_storage
+from policyd.sync import WindowSync
+from policyd.window import Window
+from policyd.writer import EventWriter
+
+# At start, how long to wait for the first attempt to reach the database before
+# listening anyway (requests are then answered from memory; it keeps trying).
+CONNECT_WAIT_SECONDS = 30.0
+# How often `systemctl status` gets fresh counters.
+STATUS_INTERVAL_SECONDS = 10.0
+# After SIGTERM, the longest the queued events get to reach the database or the spool.
+FLUSH_SECONDS = 5.0
+
+
+def new_origin() -> str:
+    """This run's name in the `origin` column: the host, and random digits (a new run
+    reads back the rows of the previous one)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname().split(".", 1)[0])[:40] or "host"
+    return f"{host}/{secrets.token_hex(6)}"
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: str | None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.clock = clock
+        self.origin = new_origin()
+        self.stopping = asyncio.Event()
+        self.stats = Stats()
+        self.server: PolicyServer | None = None
+        self.decider: Decider | None = None
+        self.writer: EventWriter | None = None
+        self.sync: WindowSync | None = None
+        self.outage: Outage | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def run(self, ready: Callable[[Daemon], None] | None = None) -> None:
+        settings = self.settings
+        storage = create_storage(settings.database, settings.table)
+        spool = Spool(settings.spool, settings.spool_max_size)
+        stats = self.stats
+        outage = self.outage = Outage(
+            settings.db_retry, stats, str(spool.path), spool_empty=lambda: not spool.pending_bytes
+        )
+        window = Window(window_spans(settings.rules))
+        writer = self.writer = EventWriter(
+            storage=storage, spool=spool, outage=outage, stats=stats, settings=settings, origin=self.origin
+        )
+        decider = self.decider = Decider(
+            settings=settings, window=window, writer=writer, outage=outage, stats=stats, clock=self.clock
+        )
+        sync = self.sync = WindowSync(
+            storage=storage,
+            window=window,
+            decider=decider,
+            outage=outage,
+            stats=stats,
+            origin=self.origin,
+            clock=self.clock,
+        )
+        decider.catch_up = sync.catch_up
+        decider.others_active = sync.others_active
+        decider.strict_always = storage.shared
+        server = self.server = PolicyServer(settings, decider, stats)
+        decider.adopt(await writer.open_spool())
+        first_attempt, opened = asyncio.Event(), asyncio.Event()
+        self._spawn(self._connect(storage, first_attempt, opened), "policyd-connect")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONNECT_WAIT_SECONDS):
+                await first_attempt.wait()
+        if opened.is_set():
+            try:
+                await sync.load()
+            except (StorageError, TimeoutError) as error:
+                outage.failed(error, "load")  # listen anyway; sync.run() tries again
+        writer.start()
+        self._spawn(self._once_open(opened, sync.run), "policyd-sync")
+        self._spawn(
+            self._once_open(opened, lambda: purge_every_day(storage, lambda: self.settings.retention)),
+            "policyd-purge",
+        )
+        try:
+            await server.start()
+            self._install_signal_handlers()
+            log.info(
+                "policyd %s started: listening on %s, storage %s, quota %d/%s (reject from %d)",
+                __version__,
+                ", ".join(server.addresses),
+                storage.description,
+                settings.rules.quota,
+                _window_text(settings.rules.window.total_seconds()),
+                settings.rules.reject_quota,
+            )
+            systemd.ready(self.status_line())
+            self._spawn(self._report_to_systemd(), "policyd-systemd")
+            if ready is not None:
+                ready(self)
+            await self.stopping.wait()
+            systemd.stopping()
+            log.info("stopping: %d requests answered", sum(stats.requests.values()))
+        finally:
+            await server.stop()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await writer.close(timeout=max(FLUSH_SECONDS, settings.db_timeout))
+            await storage.close()
+            log.info("stopped")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(work, name=name))
+
+    @staticmethod
+    async def _once_open(opened: asyncio.Event, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        await opened.wait()
+        await work()
+
+    def status_line(self) -> str:
+        """One line of live counters, shown by `systemctl status policyd`."""
+        if self.server is None or self.writer is None or self.outage is None:
+            return "starting"
+        stats = self.stats
+        database = "database unavailable, deciding from memory" if self.outage.active else "database ok"
+        return (
+            f"{sum(stats.requests.values())} requests: {stats.outcome_count('DUNNO')} dunno, "
+            f"{stats.outcome_count('HOLD')} held, {stats.outcome_count('REJECT')} rejected; "
+            f"{len(self.server.connections)} connections; {database}; "
+            f"spool {self.writer.spool.pending_bytes} bytes"
+        )
+
+    async def _report_to_systemd(self) -> None:
+        """Watchdog pings (when systemd asks for them) and the status line, while running."""
+        interval = systemd.watchdog_interval() or STATUS_INTERVAL_SECONDS
+        while True:
+            systemd.watchdog_ping()
+            systemd.status(self.status_line())
+            await asyncio.sleep(min(interval, STATUS_INTERVAL_SECONDS))
+
+    async def _connect(self, storage: Storage, first_attempt: asyncio.Event, opened: asyncio.Event) -> None:
+        """Open storage and bring its schema up to date, retrying until it works.
+
+        `first_attempt` is set after the first attempt, whatever came of it; `opened`
+        once storage is open and migrated.
+        """
+        failures = 0
+        while True:
+            try:
+                await storage.open()
+                for step in await storage.migrate():
+                    log.info("schema: %s", step)
+            except StorageError as error:
+                failures += 1
+                if failures == 1:
+                    log.error(
+                        "cannot open the database (%s); retrying every %gs", error, self.settings.db_retry
+                    )
+                await storage.close()
+                first_attempt.set()
+                await asyncio.sleep(self.settings.db_retry)
+                continue
+            if failures:
+                log.warning("database opened after %d failed attempts", failures)
+            opened.set()
+            first_attempt.set()
+            return
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+            loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; a bad file keeps the old settings."""
+        if self.config_path is None or self.decider is None:
+            return
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as error:
+            log.error("reload refused, keeping the old settings: %s", "; ".join(error.problems))
+            return
+        self.apply(new)
+        log.info(
+            "reloaded %s: quota %d, reject from %d", self.config_path, new.rules.quota, new.rules.reject_quota
+        )
+
+    def apply(self, new: Settings) -> None:
+        """Take new settings at run time (what can change without a restart)."""
+        assert self.decider is not None and self.writer is not None and self.outage is not None
+        old = self.settings
+        for key, reason in (
+            ("database", "database"),
+            ("table", "policy_table"),
+            ("bind", "bind"),
+            ("port", "port"),
+            ("socket", "socket"),
+            ("spool", "spool"),
+            ("spool_max_size", "spool_max_size"),
+        ):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload: %s changed, it takes effect only after a restart", reason)
+        self.settings = new
+        held_from = to_ms(self.clock()) - self.decider.window.longest
+        if self.decider.reload(new) and self.sync is not None:
+            # A longer window than was held: read the part before it from the database.
+            self._spawn(self._load_older(held_from), "policyd-load-older")
+        self.writer.settings = new
+        self.outage.retry_seconds = new.db_retry
+        if self.server is not None:
+            self.server.settings = new  # allowed_clients, max_connections
+        set_level(new.log_level)
+        for warning in new.warnings:
+            log.warning("%s", warning)
+
+    async def _load_older(self, before_ms: int) -> None:
+        assert self.sync is not None
+        try:
+            await self.sync.load_older(before_ms)
+        except (StorageError, TimeoutError) as error:
+            log.error("reload: could not read the longer window from the database: %s", error)
+
+
+def _window_text(seconds: float) -> str:
+    return f"{seconds / 3600:g}h"
+
+
+def run_daemon(settings: Settings, config_path: str | None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    daemon = Daemon(settings, config_path)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(daemon.run())
+    except StorageError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    except OSError as error:
+        log.error("cannot listen: %s", error)
+        return 1
+    return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

@@ -1,0 +1,237 @@
+"""From a request to a verdict: the rules, the user's totals from the window, the record.
+
+For a counted message the whole step - read the user's totals, decide, add the message
+to the window - runs without yielding to the event loop, so two requests of one user
+(from any number of connections) are decided one after the other, each seeing the
+other's recipients: exact, as go-policyd's mutex was.  Only then does the request wait
+for its event to be recorded (writer.py); the next request of that user does not wait
+for that, it already sees the message in the window.
+
+The window holds what the database holds for the longest limit window (loaded at start,
+kept up to date by sync.py) plus everything this daemon decided.  Until it has been
+loaded (the database down at start), it holds only this run's decisions and the spool
+a previous run left; a user it knows nothing about then gets `db_error_action`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from policyd.config import Settings
+from policyd.logs import log
+from policyd.outage import Outage
+from policyd.protocol import PolicyRequest
+from policyd.quota import Message, Outcome, QuotaRules, Verdict, decide, outcome_of_action, precheck
+from policyd.stats import Stats
+from policyd.storage import Event
+from policyd.window import Window
+from policyd.writer import EventWriter
+
+# The strict path (several daemons on one database).  A decision first reads the other
+# daemons' new rows when the user is within reach of a threshold: when their total, plus
+# what they sent in the last STRICT_RATE_MS times the number of daemons (as if each were
+# receiving as much), reaches STRICT_FROM of a limit's HOLD threshold, up to its REJECT
+# threshold (beyond it nothing can change the answer).  Below, the tail (every 250 ms)
+# is close enough: the others cannot have accepted the other half meanwhile unless they
+# take far more than this daemon sees.
+STRICT_FROM = 0.5
+STRICT_RATE_MS = 1000
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch, exactly (integer arithmetic: no float rounding)."""
+    return (moment - EPOCH) // MILLISECOND
+
+
+def from_ms(milliseconds: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=milliseconds)
+
+
+def window_spans(rules: QuotaRules) -> list[int]:
+    """The window lengths (ms) the rules need, one per distinct limit window."""
+    return [limit.window // MILLISECOND for limit in rules.limits]
+
+
+class Decider:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        window: Window,
+        writer: EventWriter,
+        outage: Outage,
+        stats: Stats,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.window = window
+        self.writer = writer
+        self.outage = outage
+        self.stats = stats
+        self.clock = clock
+        # The window holds the database's history (loaded at start, or once it came back).
+        self.complete = False
+        # The spool a previous run left, counted at start: if the database turns out to
+        # have some of them already, they are taken back (sync.py).
+        self.adopted: list[Event] = []
+        # Set by the daemon when other daemons may write to the database: reads their new
+        # rows now (bounded), and tells whether any are active.
+        self.catch_up: Callable[[float], Awaitable[bool]] | None = None
+        self.strict_always = False  # a server database: assume it is shared
+        self.others_active: Callable[[], int] = lambda: 0
+        # Positions of the limits in window.spans (QuotaRules.limits order).
+        self._span_index: tuple[int, ...] = ()
+        self._index_spans(settings.rules)
+
+    def _index_spans(self, rules: QuotaRules) -> None:
+        spans = self.window.spans
+        self._span_index = tuple(spans.index(span) for span in window_spans(rules))
+
+    def reload(self, settings: Settings) -> bool:
+        """New settings; True if the window must be reloaded (a longer window than held)."""
+        longest_before = self.window.longest
+        self.window.set_spans(window_spans(settings.rules), to_ms(self.clock()))
+        self.settings = settings
+        self._index_spans(settings.rules)
+        return self.window.longest > longest_before
+
+    def adopt(self, events: Sequence[Event]) -> None:
+        """Count events a previous run spooled (before anything is known from the database)."""
+        now = to_ms(self.clock())
+        for event in events:
+            self.window.add(event.sasl_username, to_ms(event.ts), event.recipient_count, event.outcome, now)
+        self.adopted.extend(events)
+
+    def totals(self, user: str, now_ms: int, rules: QuotaRules) -> tuple[int, ...]:
+        """The user's counted recipients in each limit's window (rules.limits order)."""
+        by_span = self.window.totals(user, now_ms, rules.count_rejected)
+        return tuple(by_span[index] for index in self._span_index)
+
+    async def decide(self, request: PolicyRequest) -> Verdict:
+        """The verdict for a request.  Raises RequestValueError on one Postfix would not send."""
+        message = Message.from_request(request)
+        settings = self.settings  # one consistent snapshot, even if a reload happens meanwhile
+        rules = settings.rules
+        now = self.clock()
+        self.stats.requests[message.protocol_state or "(none)"] += 1
+        verdict = precheck(rules, message, now.astimezone())
+        if verdict is not None:
+            self.stats.decisions[verdict.outcome.value, ""] += 1
+            if verdict.reason in {"blacklisted", "whitelisted"}:
+                log.info(
+                    "%s %s user : %s/%s/%s/%d",
+                    verdict.outcome.value,
+                    "Whitelisted" if verdict.reason == "whitelisted" else "blacklisted",
+                    message.sasl_username,
+                    message.sender,
+                    message.client_address,
+                    message.recipient_count,
+                )
+            return verdict
+        # From here to window.add: no await, so no other request of this user in between.
+        now_ms = to_ms(now)
+        user = message.sasl_username
+        if not self.complete and user not in self.window:
+            # Nothing known about this user and no history from the database yet: the
+            # configured answer; the message is still recorded, so the user is known now.
+            outcome = outcome_of_action(settings.db_error_action)
+            verdict = Verdict(
+                settings.db_error_action,
+                outcome,
+                record=True,
+                reason="database unavailable",
+                totals=tuple(message.recipient_count for _ in rules.limits),
+                total=message.recipient_count,
+            )
+            self.stats.answered_error_action += 1
+        else:
+            before = self.totals(user, now_ms, rules)
+            if self.catch_up is not None and self._near_a_threshold(
+                rules, user, now_ms, before, message.recipient_count
+            ):
+                # Strict path: what other daemons decided for this user lately, read now.
+                # Only after this await may the decision start; from here it is atomic again.
+                if await self.catch_up(settings.db_timeout):
+                    self.stats.strict_reads += 1
+                now = self.clock()
+                now_ms = to_ms(now)
+                before = self.totals(user, now_ms, rules)
+            verdict = decide(rules, [total + message.recipient_count for total in before])
+            if self.outage.active or not self.complete:
+                self.stats.decided_during_outage += 1
+        self.window.add(user, now_ms, message.recipient_count, verdict.outcome, now_ms)
+        self.stats.decisions[verdict.outcome.value, verdict.limit.label if verdict.limit else ""] += 1
+        self.stats.events_counted += 1
+        self._log_counted(message, verdict, rules)
+        await self.writer.write(
+            Event(
+                ts=from_ms(now_ms),
+                sasl_username=user,
+                sender=message.sender,
+                client_address=message.client_address,
+                recipient_count=message.recipient_count,
+                outcome=verdict.outcome,
+                queue_id=message.queue_id,
+            )
+        )
+        return verdict
+
+    def _near_a_threshold(
+        self, rules: QuotaRules, user: str, now_ms: int, before: Sequence[int], recipients: int
+    ) -> bool:
+        others = self.others_active()
+        if not (others or self.strict_always):
+            return False
+        reach: int | None = None
+        for limit, total in zip(rules.limits, before, strict=True):
+            after = total + recipients
+            if after >= limit.reject:
+                continue
+            if after >= limit.hold * STRICT_FROM:
+                return True
+            if reach is None:
+                reach = (max(others, 1) + 1) * (
+                    self.window.recent(user, now_ms, STRICT_RATE_MS, rules.count_rejected) + recipients
+                )
+            if after + reach >= limit.hold * STRICT_FROM:
+                return True
+        return False
+
+    @staticmethod
+    def _log_counted(message: Message, verdict: Verdict, rules: QuotaRules) -> None:
+        # go-policyd's lines, word for word, so existing grep and monit rules keep working.
+        log.info(
+            "Updating db: %s/%s/%s/%d/%d",
+            message.sasl_username,
+            message.sender,
+            message.client_address,
+            message.recipient_count,
+            verdict.total,
+        )
+        limit = verdict.limit
+        if verdict.outcome is Outcome.HOLD and limit is not None:
+            log.info(
+                "DEFERRING overquota (%d>%d) for user %s using %s from ip [%s]",
+                verdict.total,
+                limit.hold,
+                message.sasl_username,
+                message.sender,
+                message.client_address,
+            )
+        elif verdict.outcome is Outcome.REJECT and limit is not None:
+            log.info(
+                "REJECTING overquota (%d>%d) for user %s using %s from ip [%s]",
+                verdict.total,
+                limit.reject,
+                message.sasl_username,
+                message.sender,
+                message.client_address,
+            )

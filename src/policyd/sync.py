@@ -1,0 +1,283 @@
+"""Keeps the window in step with the database: the bulk load at start, then the tail.
+
+Every row carries the `origin` of the daemon run that wrote it, so a daemon reads back
+only what others wrote (other relays, an earlier run of its own before a restart,
+go-policyd): what it decided itself is in its window already.
+
+The load at start reads, grouped by user in one query, the events of the longest window
+up to a fence (the highest row id minus TAIL_OVERLAP_IDS); the tail then reads every row
+after the fence one by one, every TAIL_INTERVAL_SECONDS.
+
+Row ids are given at insert, not at commit: a transaction holding id 7 may become
+visible after one holding id 8.  So the tail does not simply continue after the last id
+it saw: it re-reads every row above the table's highest id of SETTLE_SECONDS ago, and
+skips the ids it has already counted.  A row that becomes visible more than
+SETTLE_SECONDS after a higher one (a transaction stalled that long between insert and
+commit) is not counted by daemons already running; they count it at their next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from policyd.decider import Decider, from_ms, to_ms, utc_now
+from policyd.logs import log
+from policyd.outage import Outage
+from policyd.stats import Stats
+from policyd.storage import Storage, StorageError
+from policyd.window import OUTCOMES, Window
+
+# How often the tail asks for new rows.  With writes taking a few ms, a message another
+# relay accepted is counted here within about this plus a query (docs/shared-database.md).
+TAIL_INTERVAL_SECONDS = 0.25
+# Rows read one at a time by the first polls rather than in the bulk load: a transaction
+# still in flight when the load ran is found by the tail once it commits.
+TAIL_OVERLAP_IDS = 5000
+# A row is still looked for this long after a higher id was seen.
+SETTLE_SECONDS = 5.0
+# Rows read per query; a poll goes on with the next batch for up to TAIL_BATCH_SECONDS.
+TAIL_BATCH_ROWS = 10_000
+TAIL_BATCH_SECONDS = 1.0
+# One tail query at most (a query this slow counts as a database failure).
+TAIL_QUERY_TIMEOUT_SECONDS = 5.0
+# The bulk load is one query; bounded only so that a hung server cannot hold the start forever.
+LOAD_TIMEOUT_SECONDS = 300.0
+# Another daemon counts as active while rows of its this recent are being read.
+OTHERS_ACTIVE_SECONDS = 600.0
+# How often users with nothing left in any window are dropped (and how many per pass).
+EXPIRE_INTERVAL_SECONDS = 10.0
+EXPIRE_BATCH_USERS = 50_000
+
+
+class WindowSync:
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        window: Window,
+        decider: Decider,
+        outage: Outage,
+        stats: Stats,
+        origin: str,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.storage = storage
+        self.window = window
+        self.decider = decider
+        self.outage = outage
+        self.stats = stats
+        self.origin = origin
+        self.clock = clock
+        self.loaded = asyncio.Event()
+        # Every visible row up to `cursor` has been read; rows above `low` are read again
+        # (they may have been joined by rows that committed late), `_seen` has their ids.
+        self.cursor = 0
+        self.low = 0
+        self._seen: dict[int, None] = {}
+        self._marks: deque[tuple[float, int]] = deque()  # (monotonic time, cursor then)
+        self._reading: tuple[asyncio.Future[bool], float] | None = None  # a read in progress
+        # Other daemons by origin: when a recent row of theirs was last read (monotonic).
+        self._origins: dict[str, float] = {}
+        self.last_poll = 0.0  # monotonic time of the last successful poll
+
+    # -- the load ------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Fill the window from the database (raises StorageError or TimeoutError)."""
+        started = time.monotonic()
+        now = self.clock()
+        async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
+            fence = max(0, await self.storage.max_event_id() - TAIL_OVERLAP_IDS)
+            since = now - timedelta(milliseconds=self.window.longest)
+            histories = await self.storage.load_window(since, fence, self.origin)
+            adopted = self.decider.adopted
+            known = (
+                await self.storage.existing_event_ids([event.event_id for event in adopted], self.origin)
+                if adopted
+                else set()
+            )
+        now_ms = to_ms(now)
+        events = 0
+        for history in histories:
+            self.window.load(history.sasl_username, history.times, history.counts, history.codes, now_ms)
+            events += len(history.times)
+        # Spooled by an earlier run and also in the database (a write that committed
+        # after it was given up on): counted from the database, so taken back here.
+        taken_back = 0
+        for event in adopted:
+            if event.event_id in known and self.window.remove(
+                event.sasl_username, to_ms(event.ts), event.recipient_count, event.outcome, now_ms
+            ):
+                taken_back += 1
+        self.decider.adopted = []
+        self.low = self.cursor = fence
+        self._seen.clear()
+        self._marks.clear()
+        # The rows after the fence, one by one, before the window is declared complete.
+        async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
+            await self._read_new(bounded=False)
+        self.decider.complete = True
+        self.loaded.set()
+        log.info(
+            "window loaded in %.1fs: %d users, %d events of the last %s%s",
+            time.monotonic() - started,
+            len(histories),
+            events,
+            _span_text(self.window.longest),
+            f" ({taken_back} spooled events were in the database already)" if taken_back else "",
+        )
+
+    async def load_older(self, before_ms: int) -> None:
+        """After a reload made the longest window longer: read the part not held (every
+        origin: this daemon's own old events are no longer in the window either)."""
+        now = self.clock()
+        since = now - timedelta(milliseconds=self.window.longest)
+        histories = await self.storage.load_window(
+            since, await self.storage.max_event_id(), exclude_origin="", before=from_ms(before_ms)
+        )
+        now_ms = to_ms(now)
+        for history in histories:
+            self.window.load(history.sasl_username, history.times, history.counts, history.codes, now_ms)
+
+    # -- the tail ------------------------------------------------------------------
+
+    async def poll(self) -> bool:
+        """Read what others wrote since the last poll into the window; False if the
+        database failed (the outage is told).  Each query is a bounded database attempt.
+
+        Reads never overlap: a caller finding one in progress that began after it asked
+        shares it, else waits for it and starts a fresh one (so that what was committed
+        before the call is read).
+        """
+        asked = time.monotonic()
+        while True:
+            if self._reading is None:
+                read = asyncio.ensure_future(self._read_new(bounded=True))
+                self._reading = (read, time.monotonic())
+                read.add_done_callback(self._read_done)
+                return await asyncio.shield(read)
+            running, started = self._reading
+            if running.done():
+                # Finished, its done-callback not run yet (that needs the loop; awaiting a
+                # finished future does not yield): clear it here, or this loop would spin.
+                self._read_done(running)
+                if started >= asked:
+                    return running.result()
+                continue
+            result = await asyncio.shield(running)
+            if started >= asked:
+                return result
+
+    def _read_done(self, read: asyncio.Future[bool]) -> None:
+        if self._reading is not None and self._reading[0] is read:
+            self._reading = None
+        if not read.cancelled():
+            read.exception()  # retrieved: a waiter that gave up must not leave it unseen
+
+    async def catch_up(self, timeout: float) -> bool:
+        """Read the others' new rows now (the strict path of a decision), for at most
+        `timeout`; False if that could not be done in time (decide from the window)."""
+        if not self.loaded.is_set() or not self.outage.should_try():
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.poll()
+        except TimeoutError:
+            return False
+
+    def others_active(self) -> int:
+        """How many other daemons write to this database (recent rows of theirs read in
+        the last OTHERS_ACTIVE_SECONDS)."""
+        horizon = time.monotonic() - OTHERS_ACTIVE_SECONDS
+        for origin in [origin for origin, seen in self._origins.items() if seen < horizon]:
+            del self._origins[origin]
+        return len(self._origins)
+
+    async def _read_new(self, bounded: bool) -> bool:
+        """The rows above `low` not counted yet, into the window.
+
+        Bounded (the tail): each query through the outage, and at most about
+        TAIL_BATCH_SECONDS of batches.  Not bounded (the load at start, before listening):
+        until everything visible is read; errors raise.
+        """
+        started = time.monotonic()
+        after = self.low
+        seen = self._seen
+        counted = 0
+        while True:
+            query = self.storage.tail(after, self.origin, TAIL_BATCH_ROWS)
+            if bounded:
+                tail = await self.outage.attempt(query, TAIL_QUERY_TIMEOUT_SECONDS, kind="read")
+                if tail is None:
+                    return False
+            else:
+                tail = await query
+            now_ms = to_ms(self.clock())
+            recent = now_ms - int(OTHERS_ACTIVE_SECONDS * 1000)
+            for row in tail.rows:
+                if row.row_id in seen:
+                    continue
+                seen[row.row_id] = None
+                self.window.add(row.sasl_username, row.at, row.recipient_count, OUTCOMES[row.code], now_ms)
+                counted += 1
+                if row.at >= recent:
+                    self._origins[row.origin] = time.monotonic()
+            if len(tail.rows) < TAIL_BATCH_ROWS:
+                self.cursor = max(self.cursor, tail.max_id)  # everything visible is read
+                break
+            after = tail.rows[-1].row_id
+            self.cursor = max(self.cursor, after)
+            if bounded and time.monotonic() - started > TAIL_BATCH_SECONDS:
+                break  # far behind (a big spool replayed elsewhere): more next time
+        self.stats.events_tailed += counted
+        self._settle()
+        self.last_poll = time.monotonic()
+        return True
+
+    def _settle(self) -> None:
+        """Move `low` up to the cursor of SETTLE_SECONDS ago (never more than
+        TAIL_OVERLAP_IDS below the cursor, never above it); forget ids at or below it."""
+        now = time.monotonic()
+        self._marks.append((now, self.cursor))
+        low = max(self.low, self.cursor - TAIL_OVERLAP_IDS)
+        while self._marks and self._marks[0][0] <= now - SETTLE_SECONDS:
+            low = max(low, self._marks.popleft()[1])
+        low = min(low, self.cursor)
+        if low > self.low:
+            self.low = low
+            for row_id in [row_id for row_id in self._seen if row_id <= low]:
+                del self._seen[row_id]
+
+    async def run(self) -> None:
+        """Load (retrying until the database answers), then tail and expire, until cancelled."""
+        while not self.loaded.is_set():
+            if self.outage.should_try():
+                try:
+                    await self.load()
+                    self.outage.succeeded("read")
+                    break
+                except (StorageError, TimeoutError) as error:
+                    self.outage.failed(error, "load")
+            await asyncio.sleep(min(self.outage.retry_seconds, 1.0))
+        next_expiry = time.monotonic() + EXPIRE_INTERVAL_SECONDS
+        while True:
+            await asyncio.sleep(TAIL_INTERVAL_SECONDS)
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + EXPIRE_INTERVAL_SECONDS
+                self.window.expire(to_ms(self.clock()), EXPIRE_BATCH_USERS)
+            if not self.outage.should_try():
+                continue
+            try:
+                await self.poll()
+            except Exception:
+                # A bug: say so, keep tailing (the window may lag; mail flows).
+                log.exception("reading other daemons' events failed unexpectedly")
+
+
+def _span_text(milliseconds: int) -> str:
+    hours = milliseconds / 3_600_000
+    return f"{hours:g}h"
