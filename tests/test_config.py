@@ -535,6 +535,7 @@ def test_describe_shows_every_effective_value(tmp_path: Path) -> None:
         ("whitelist_hours", "Mon-Fri 08:00-18:00; Sat 09:00-12:00"),
         ("retention", "30d"),
         ("log_level", "debug"),
+        ("syslog_socket", "/dev/log"),
     ]
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +63,29 @@ def test_foreground_logs_readable_lines_to_stderr(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert "hidden" not in err
     assert f"policyd[{os.getpid()}] WARNING: shown" in err
+
+
+def test_a_full_syslog_never_blocks_and_the_dropped_lines_are_counted(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(path)
+        setup_logging(foreground=False, level="info", syslog_socket=path)
+        sent = 3000
+        for number in range(sent):  # nobody reads meanwhile: the socket's queue fills up
+            log.info("line %d", number)
+        receiver.setblocking(False)
+        received = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received.append(receiver.recv(4096).decode())
+        log.info("after")
+        receiver.settimeout(5)
+        notice = receiver.recv(4096).decode()
+        after = receiver.recv(4096).decode()
+    assert len(received) < sent, "the queue never filled: the test proves nothing"
+    match = re.fullmatch(
+        r"<28>policyd\[\d+\]: syslog had no room for (\d+) lines; they were dropped\x00", notice
+    )
+    assert match, notice
+    assert len(received) + int(match.group(1)) == sent  # every line is shown or counted
+    assert after.endswith(": after\x00")

@@ -99,7 +99,7 @@ def serve(config_path: str, foreground: bool) -> None:
     from policyd.daemon import run_daemon
 
     settings = load_or_exit(config_path)
-    setup_logging(foreground, settings.log_level)
+    setup_logging(foreground, settings.log_level, settings.syslog_socket)
     sys.exit(run_daemon(settings, config_path))
 
 

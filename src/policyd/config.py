@@ -68,6 +68,7 @@ class Settings:
     max_connections: int = 1000
     retention: timedelta = timedelta(days=7)
     log_level: str = "info"
+    syslog_socket: str = "/dev/log"
     rules: QuotaRules = field(default_factory=QuotaRules)
     warnings: tuple[str, ...] = ()
 
@@ -99,6 +100,7 @@ class Settings:
             ("whitelist_hours", rules.whitelist_hours.spec),
             ("retention", _format_duration(self.retention)),
             ("log_level", self.log_level),
+            ("syslog_socket", self.syslog_socket),
         ]
 
 
@@ -264,6 +266,7 @@ KEYS: dict[str, tuple[Any, str]] = {
     ),
     "unauthenticated_action": (parse_action, "answer for mail without sasl_username (default DUNNO)"),
     "log_level": (parse_log_level, "debug, info, warning or error (default info)"),
+    "syslog_socket": (parse_text, "the local syslog daemon's socket (default /dev/log)"),
 }
 REPEATABLE = frozenset({"whitelist", "blacklist"})
 # In go-policyd's sample file (commented out there); accepted so an old file keeps working.
@@ -385,6 +388,7 @@ def settings_from_text(text: str, path: str) -> Settings:
         max_connections=values.get("max_connections", defaults.max_connections),
         retention=values.get("retention", defaults.retention),
         log_level=values.get("log_level", defaults.log_level),
+        syslog_socket=values.get("syslog_socket", defaults.syslog_socket),
         rules=rules,
         warnings=tuple(warnings),
     )

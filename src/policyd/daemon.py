@@ -135,7 +135,11 @@ class Daemon:
                 ready(self)
             await self.stopping.wait()
             systemd.stopping()
-            log.info("stopping: %d requests answered", sum(stats.requests.values()))
+            log.info(
+                "stopping: %d requests answered, %d events counted",
+                sum(stats.requests.values()),
+                stats.events_counted,
+            )
         finally:
             await server.stop()
             for task in self._tasks:

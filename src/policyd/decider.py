@@ -15,9 +15,12 @@ a previous run left; a user it knows nothing about then gets `db_error_action`.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from policyd import logs
 from policyd.config import Settings
 from policyd.logs import log
 from policyd.outage import Outage
@@ -87,6 +90,7 @@ class Decider:
         self.catch_up: Callable[[float], Awaitable[bool]] | None = None
         self.strict_always = False  # a server database: assume it is shared
         self.others_active: Callable[[], int] = lambda: 0
+        self._strict_tasks: set[asyncio.Future[None]] = set()
         # Positions of the limits in window.spans (QuotaRules.limits order).
         self._span_index: tuple[int, ...] = ()
         self._index_spans(settings.rules)
@@ -94,6 +98,7 @@ class Decider:
     def _index_spans(self, rules: QuotaRules) -> None:
         spans = self.window.spans
         self._span_index = tuple(spans.index(span) for span in window_spans(rules))
+        self._identity = tuple(range(len(spans)))
 
     def reload(self, settings: Settings) -> bool:
         """New settings; True if the window must be reloaded (a longer window than held)."""
@@ -113,16 +118,25 @@ class Decider:
     def totals(self, user: str, now_ms: int, rules: QuotaRules) -> tuple[int, ...]:
         """The user's counted recipients in each limit's window (rules.limits order)."""
         by_span = self.window.totals(user, now_ms, rules.count_rejected)
+        if self._span_index == self._identity:
+            return by_span
         return tuple(by_span[index] for index in self._span_index)
 
-    async def decide(self, request: PolicyRequest) -> Verdict:
-        """The verdict for a request.  Raises RequestValueError on one Postfix would not send."""
+    def submit(self, request: PolicyRequest, answer: Callable[[Verdict], None]) -> None:
+        """Decide `request`; `answer(verdict)` is called once the answer may go out: at
+        once when nothing is recorded, else once the event is recorded (writer.py).
+
+        Raises RequestValueError on a request Postfix would not send.
+        """
         message = Message.from_request(request)
         settings = self.settings  # one consistent snapshot, even if a reload happens meanwhile
         rules = settings.rules
         now = self.clock()
         self.stats.requests[message.protocol_state or "(none)"] += 1
-        verdict = precheck(rules, message, now.astimezone())
+        # The local time only where office hours need it: the conversion costs more than
+        # the rest of the precheck.
+        listed = bool(rules.whitelist) and rules.listed(rules.whitelist, message)
+        verdict = precheck(rules, message, now.astimezone() if listed else now)
         if verdict is not None:
             self.stats.decisions[verdict.outcome.value, ""] += 1
             if verdict.reason in {"blacklisted", "whitelisted"}:
@@ -135,8 +149,45 @@ class Decider:
                     message.client_address,
                     message.recipient_count,
                 )
-            return verdict
-        # From here to window.add: no await, so no other request of this user in between.
+            answer(verdict)
+            return
+        if (
+            self.catch_up is not None
+            and (self.strict_always or self.others_active())
+            and (self.complete or message.sasl_username in self.window)
+            and self._near_a_threshold(rules, message, to_ms(now))
+        ):
+            # Strict path: read what the other daemons decided lately first.  The task
+            # is kept until it ends (the loop holds tasks only weakly).
+            task = asyncio.ensure_future(self._count_strictly(message, settings, answer))
+            self._strict_tasks.add(task)
+            task.add_done_callback(self._strict_tasks.discard)
+            return
+        self._count(message, settings, now, answer)
+
+    async def decide(self, request: PolicyRequest) -> Verdict:
+        """submit(), awaited: the verdict once it may go out."""
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self.submit(request, future.set_result)
+        return await future
+
+    async def _count_strictly(
+        self, message: Message, settings: Settings, answer: Callable[[Verdict], None]
+    ) -> None:
+        try:
+            if await self.catch_up(settings.db_timeout):  # type: ignore[misc]
+                self.stats.strict_reads += 1
+        finally:
+            # Read or not (the database may be slow: then from the window, as always), the
+            # decision itself runs from here without yielding: atomic again.
+            self._count(message, settings, self.clock(), answer)
+
+    def _count(
+        self, message: Message, settings: Settings, now: datetime, answer: Callable[[Verdict], None]
+    ) -> None:
+        """Totals, decision, the message into the window, the event to the writer: no await
+        anywhere, so no other request of this user in between."""
+        rules = settings.rules
         now_ms = to_ms(now)
         user = message.sasl_username
         if not self.complete and user not in self.window:
@@ -153,43 +204,31 @@ class Decider:
             )
             self.stats.answered_error_action += 1
         else:
-            before = self.totals(user, now_ms, rules)
-            if self.catch_up is not None and self._near_a_threshold(
-                rules, user, now_ms, before, message.recipient_count
-            ):
-                # Strict path: what other daemons decided for this user lately, read now.
-                # Only after this await may the decision start; from here it is atomic again.
-                if await self.catch_up(settings.db_timeout):
-                    self.stats.strict_reads += 1
-                now = self.clock()
-                now_ms = to_ms(now)
-                before = self.totals(user, now_ms, rules)
-            verdict = decide(rules, [total + message.recipient_count for total in before])
+            recipients = message.recipient_count
+            verdict = decide(rules, [total + recipients for total in self.totals(user, now_ms, rules)])
             if self.outage.active or not self.complete:
                 self.stats.decided_during_outage += 1
         self.window.add(user, now_ms, message.recipient_count, verdict.outcome, now_ms)
         self.stats.decisions[verdict.outcome.value, verdict.limit.label if verdict.limit else ""] += 1
         self.stats.events_counted += 1
         self._log_counted(message, verdict, rules)
-        await self.writer.write(
-            Event(
-                ts=from_ms(now_ms),
-                sasl_username=user,
-                sender=message.sender,
-                client_address=message.client_address,
-                recipient_count=message.recipient_count,
-                outcome=verdict.outcome,
-                queue_id=message.queue_id,
-            )
+        event = Event(
+            from_ms(now_ms),
+            user,
+            message.sender,
+            message.client_address,
+            message.recipient_count,
+            verdict.outcome,
+            queue_id=message.queue_id,
         )
-        return verdict
+        self.writer.submit(event, functools.partial(answer, verdict))
 
-    def _near_a_threshold(
-        self, rules: QuotaRules, user: str, now_ms: int, before: Sequence[int], recipients: int
-    ) -> bool:
+    def _near_a_threshold(self, rules: QuotaRules, message: Message, now_ms: int) -> bool:
+        """Whether this decision takes the strict path (see STRICT_FROM)."""
         others = self.others_active()
-        if not (others or self.strict_always):
-            return False
+        user = message.sasl_username
+        recipients = message.recipient_count
+        before = self.totals(user, now_ms, rules)
         reach: int | None = None
         for limit, total in zip(rules.limits, before, strict=True):
             after = total + recipients
@@ -208,13 +247,9 @@ class Decider:
     @staticmethod
     def _log_counted(message: Message, verdict: Verdict, rules: QuotaRules) -> None:
         # go-policyd's lines, word for word, so existing grep and monit rules keep working.
-        log.info(
-            "Updating db: %s/%s/%s/%d/%d",
-            message.sasl_username,
-            message.sender,
-            message.client_address,
-            message.recipient_count,
-            verdict.total,
+        logs.info(
+            f"Updating db: {message.sasl_username}/{message.sender}/{message.client_address}/"
+            f"{message.recipient_count}/{verdict.total}"
         )
         limit = verdict.limit
         if verdict.outcome is Outcome.HOLD and limit is not None:

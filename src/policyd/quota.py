@@ -14,10 +14,9 @@ from datetime import datetime, time, timedelta
 
 from policyd.protocol import PolicyRequest
 
-# A Postfix queue id: hexadecimal (short ids) or base-52 letters and digits (long ids,
-# enable_long_queue_ids).  Anything else is not recorded (the message is still counted).
-_QUEUE_ID_RE = re.compile(r"[0-9A-Za-z]{1,64}")
-
+# A Postfix queue id is hexadecimal (short ids) or letters and digits (long ids,
+# enable_long_queue_ids), at most 64 characters here; anything else is not recorded (the
+# message is still counted).
 # Stages at which Postfix knows the final recipient_count.  END-OF-MESSAGE is the one
 # to use (smtpd_end_of_data_restrictions); DATA works too (smtpd_data_restrictions).
 COUNTING_STAGES = frozenset({"END-OF-MESSAGE", "DATA"})
@@ -35,7 +34,9 @@ class Outcome(enum.StrEnum):
     REJECT = "REJECT"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like Verdict: a frozen dataclass pays object.__setattr__ for every field,
+# and these are made for every request.
+@dataclass(slots=True)
 class Message:
     """The attributes of a request that the quota looks at."""
 
@@ -59,7 +60,9 @@ class Message:
             client_address=request.get("client_address"),
             recipient_count=int(raw_count),
             protocol_state=request.get("protocol_state").upper(),
-            queue_id=queue_id if _QUEUE_ID_RE.fullmatch(queue_id := request.get("queue_id")) else "",
+            queue_id=queue_id
+            if (queue_id := request.get("queue_id")).isalnum() and queue_id.isascii() and len(queue_id) <= 64
+            else "",
         )
 
 
@@ -87,7 +90,7 @@ def _duration_text(window: timedelta) -> str:
     return f"{seconds}s"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     """The answer to Postfix, whether (and how) the message is recorded, and why.
 
@@ -201,7 +204,8 @@ class QuotaRules:
 def precheck(rules: QuotaRules, message: Message, local_now: datetime) -> Verdict | None:
     """The verdict for a message that needs no total, or None if it must be counted.
 
-    ``local_now`` is the relay's local time (office hours are local).
+    ``local_now`` is the relay's local time (office hours are local); it is read only
+    when a whitelist entry matches.
     """
     if message.protocol_state not in COUNTING_STAGES:
         return Verdict("DUNNO", Outcome.DUNNO, record=False, reason="not a counting stage")

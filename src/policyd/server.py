@@ -14,16 +14,17 @@ import os
 import socket
 import stat
 import time
+from collections import deque
+from typing import cast
 
 from policyd.config import Settings
 from policyd.decider import Decider
 from policyd.logs import log
 from policyd.protocol import ProtocolError, RequestParser, format_reply
-from policyd.quota import RequestValueError
+from policyd.quota import RequestValueError, Verdict
 from policyd.stats import Stats
 
 # Connection limits, each with its reason.
-READ_CHUNK_BYTES = 64 * 1024
 # Postfix closes an idle policy connection after smtpd_policy_service_max_idle (300s);
 # waiting longer than that means we never drop a connection Postfix still counts on.
 IDLE_TIMEOUT_SECONDS = 600.0
@@ -36,94 +37,206 @@ WRITE_TIMEOUT_SECONDS = 30.0
 MAX_REQUESTS_PER_CONNECTION = 1_000_000
 # After SIGTERM, how long requests in flight get to finish.
 SHUTDOWN_GRACE_SECONDS = 10.0
+# Requests of one connection waiting for their answers at most; a client pipelining
+# further is not read from until it has been answered (Postfix sends one at a time).
+MAX_REQUESTS_IN_FLIGHT = 64
 
 
-class Connection:
-    """One client connection: reads requests, answers them in order."""
+class Connection(asyncio.Protocol):
+    """One client connection: requests in as they arrive, answers out in the same order.
 
-    def __init__(
-        self, server: PolicyServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    A protocol, not a stream reader in a task: `data_received` parses what arrived and
+    hands each request to the decider, which calls back once the answer may go out (at
+    once, or once the event is recorded); answers are written in request order.  No task
+    and no future per request.
+    """
+
+    def __init__(self, server: PolicyServer) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
-        self.busy = False  # answering a request right now (shutdown lets it finish)
+        self.parser = RequestParser()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "unix-socket"
+        self.replies: deque[_Reply] = deque()  # answers not sent yet, in request order
         self.answered = 0
-        self.peer = _peer_name(writer)
+        self.refused = False  # closed at once by the server (allowed_clients, max_connections)
+        self.finishing = False  # no more requests read: close once the replies are out
+        self.reading = True
+        self.write_blocked_since: float | None = None  # the client stopped reading
+        # The reaper (PolicyServer._reap) ends the connection past this (monotonic) time,
+        # saying why: one check a fraction of a second for all, not a timer per read.
+        self.deadline = time.monotonic() + IDLE_TIMEOUT_SECONDS
+        self.in_request = False  # the deadline is the request's, not the idle one
 
-    async def serve(self) -> None:
-        parser = RequestParser()
-        decider = self.server.decider
-        reader, writer = self.reader, self.writer
-        request_deadline = 0.0
+    @property
+    def busy(self) -> bool:
+        """Requests in flight: shutdown lets them finish."""
+        return bool(self.replies)
+
+    # -- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's are not registered as asyncio.Transport subclasses).
+        transport = self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self.server.allowed(peer[0]):
+                self._refuse(f"connection from {peer[0]} refused: not in allowed_clients")
+                return
+        server = self.server
+        if len(server.connections) >= server.settings.max_connections:
+            self._refuse(
+                f"connection refused: {len(server.connections)} open, "
+                f"max_connections is {server.settings.max_connections}"
+            )
+            return
+        if server.closing:
+            self._refuse("connection refused: shutting down")
+            return
+        server.stats.connections_accepted += 1
+        server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.finishing:
+            return
+        had_pending = self.parser.pending_bytes > 0
         try:
-            while True:
-                if parser.pending_bytes:
-                    timeout = request_deadline - time.monotonic()
-                    expired = f"request not complete within {REQUEST_TIMEOUT_SECONDS:g}s"
-                else:
-                    timeout = IDLE_TIMEOUT_SECONDS
-                    expired = f"idle for {IDLE_TIMEOUT_SECONDS:g}s"
-                try:
-                    async with asyncio.timeout(max(timeout, 0.0)):
-                        data = await reader.read(READ_CHUNK_BYTES)
-                except TimeoutError:
-                    log.info("client %s: %s; closing the connection", self.peer, expired)
-                    return
-                if not data:
-                    if parser.pending_bytes:
-                        log.warning(
-                            "client %s: closed the connection in the middle of a request (%d bytes)",
-                            self.peer,
-                            parser.pending_bytes,
-                        )
-                    return
-                had_pending = parser.pending_bytes > 0
-                requests = parser.feed(data)
-                if requests:
-                    self.busy = True
-                    for request in requests:
-                        verdict = await decider.decide(request)
-                        writer.write(format_reply(verdict.action))
-                    async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
-                        await writer.drain()
-                    self.busy = False
-                    self.server.requests += len(requests)
-                    self.answered += len(requests)
-                    if self.server.closing:
-                        return
-                    if self.answered >= MAX_REQUESTS_PER_CONNECTION:
-                        log.warning(
-                            "client %s: %d requests on one connection, the limit; closing it",
-                            self.peer,
-                            self.answered,
-                        )
-                        return
-                if parser.pending_bytes and (requests or not had_pending):
-                    request_deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
+            requests = self.parser.feed(data)
         except ProtocolError as error:
             log.warning("client %s: %s; closing the connection", self.peer, error)
-        except RequestValueError as error:
-            log.warning("client %s: bad request: %s; closing the connection", self.peer, error)
-        except TimeoutError:
+            self._finish()
+            return
+        decider = self.server.decider
+        for request in requests:
+            reply = _Reply(self)
+            self.replies.append(reply)
+            try:
+                decider.submit(request, reply.fill)
+            except RequestValueError as error:
+                self.replies.pop()
+                log.warning("client %s: bad request: %s; closing the connection", self.peer, error)
+                self._finish()
+                return
+            except Exception:
+                # A bug: say so with the traceback, close this connection, serve the others.
+                self.replies.pop()
+                log.exception("client %s: unexpected error; closing the connection", self.peer)
+                self._finish()
+                return
+        if self.parser.pending_bytes:
+            if requests or not had_pending:
+                self.deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
+                self.in_request = True
+        elif requests or had_pending:
+            self.deadline = time.monotonic() + IDLE_TIMEOUT_SECONDS
+            self.in_request = False
+        if len(self.replies) >= MAX_REQUESTS_IN_FLIGHT and self.reading and self.transport is not None:
+            # A client pipelining far ahead: stop reading until it is answered.
+            self.reading = False
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.parser.pending_bytes:
+            log.warning(
+                "client %s: closed the connection in the middle of a request (%d bytes)",
+                self.peer,
+                self.parser.pending_bytes,
+            )
+        # Half-closed (`nc -q1` does that): the answers still go out, then we close.
+        self._finish()
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_blocked_since = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self.write_blocked_since = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if exc is not None and not self.refused:
+            log.info("client %s: connection lost: %s", self.peer, exc)
+        self.replies.clear()
+
+    # -- answers -------------------------------------------------------------------
+
+    def send_ready(self) -> None:
+        """Write the answers that are ready, in order (a later one waits for an earlier)."""
+        transport = self.transport
+        replies = self.replies
+        if transport is None or transport.is_closing():
+            replies.clear()
+            return
+        sent = 0
+        while replies and replies[0].action is not None:
+            transport.write(format_reply(replies.popleft().action or ""))
+            sent += 1
+        if not sent:
+            return
+        self.answered += sent
+        self.server.requests += sent
+        if (self.finishing and not replies) or (self.server.closing and not replies):
+            transport.close()
+        elif self.answered >= MAX_REQUESTS_PER_CONNECTION and not replies:
+            log.warning(
+                "client %s: %d requests on one connection, the limit; closing it", self.peer, self.answered
+            )
+            transport.close()
+        elif not self.reading and len(replies) < MAX_REQUESTS_IN_FLIGHT // 2:
+            self.reading = True
+            transport.resume_reading()
+
+    def _finish(self) -> None:
+        """Read no more; close once the answers already due are out."""
+        self.finishing = True
+        if self.transport is None:
+            return
+        if self.reading:
+            self.reading = False
+            with contextlib.suppress(RuntimeError):  # already closing
+                self.transport.pause_reading()
+        if not self.replies:
+            self.transport.close()
+
+    def _refuse(self, reason: str) -> None:
+        self.refused = True
+        self.server.refused(reason)
+        assert self.transport is not None
+        self.transport.close()
+
+    def expire(self, now: float) -> None:
+        """Called by the reaper: end the connection if it is past its deadline."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.write_blocked_since is not None and now - self.write_blocked_since > WRITE_TIMEOUT_SECONDS:
             log.warning("client %s: does not read its replies; closing the connection", self.peer)
-        except (ConnectionError, OSError) as error:
-            log.info("client %s: connection lost: %s", self.peer, error)
-        except Exception:
-            # A bug: say so with the traceback, close this connection, serve the others.
-            log.exception("client %s: unexpected error; closing the connection", self.peer)
-        finally:
-            self.busy = False
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            transport.abort()
+        elif not self.replies and now > self.deadline:
+            waited = (
+                f"request not complete within {REQUEST_TIMEOUT_SECONDS:g}s"
+                if self.in_request
+                else f"idle for {IDLE_TIMEOUT_SECONDS:g}s"
+            )
+            log.info("client %s: %s; closing the connection", self.peer, waited)
+            transport.close()
 
 
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return "unix-socket"
+class _Reply:
+    """One answer to send, once the decider has it."""
+
+    __slots__ = ("action", "connection")
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.action: str | None = None
+
+    def fill(self, verdict: Verdict) -> None:
+        self.action = verdict.action
+        self.connection.send_ready()
 
 
 class PolicyServer:
@@ -134,9 +247,11 @@ class PolicyServer:
         self.decider = decider
         self.stats = stats
         self.listeners: list[asyncio.Server] = []
-        self.connections: dict[asyncio.Task[None], Connection] = {}
+        self.connections: set[Connection] = set()
         self.requests = 0
         self.closing = False
+        self._drained = asyncio.Event()  # shutting down and nothing left to answer
+        self._reaper: asyncio.Task[None] | None = None
         self._last_refusal_log = 0.0
 
     @property
@@ -151,53 +266,20 @@ class PolicyServer:
         return names
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._reaper = asyncio.create_task(self._reap(), name="policyd-reaper")
         settings = self.settings
         self.listeners.append(
-            await asyncio.start_server(
-                self._accept,
-                settings.bind,
-                settings.port,
-                reuse_address=True,
-                backlog=1024,
-                limit=READ_CHUNK_BYTES,
+            await loop.create_server(
+                lambda: Connection(self), settings.bind, settings.port, reuse_address=True, backlog=1024
             )
         )
         if settings.socket:
             _remove_stale_socket(settings.socket)
-            self.listeners.append(
-                await asyncio.start_unix_server(self._accept, settings.socket, limit=READ_CHUNK_BYTES)
-            )
+            self.listeners.append(await loop.create_unix_server(lambda: Connection(self), settings.socket))
             os.chmod(settings.socket, settings.socket_mode)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer_ip = writer.get_extra_info("peername")[0]
-            if not self._allowed(peer_ip):
-                self._refuse(writer, f"connection from {peer_ip} refused: not in allowed_clients")
-                return
-        if len(self.connections) >= self.settings.max_connections:
-            self._refuse(
-                writer,
-                f"connection refused: {len(self.connections)} open, max_connections is {self.settings.max_connections}",
-            )
-            return
-        self.stats.connections_accepted += 1
-        connection = Connection(self, reader, writer)
-        task = asyncio.current_task()
-        assert task is not None
-        self.connections[task] = connection
-        try:
-            await connection.serve()
-        except asyncio.CancelledError:
-            # Cancelled at shutdown.  Ending normally keeps asyncio's stream machinery
-            # from logging a traceback for every connection (Python 3.11).
-            pass
-        finally:
-            self.connections.pop(task, None)
-
-    def _allowed(self, peer_ip: str) -> bool:
+    def allowed(self, peer_ip: str) -> bool:
         try:
             address = ipaddress.ip_address(peer_ip.split("%", 1)[0])
         except ValueError:
@@ -206,32 +288,45 @@ class PolicyServer:
             address = address.ipv4_mapped
         return any(address in network for network in self.settings.allowed_clients)
 
-    def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
-        """Close at once; log the first refusal and then at most one line per 10s."""
+    def refused(self, reason: str) -> None:
+        """Count a refused connection; log the first and then at most one line per 10s."""
         self.stats.connections_refused += 1
         now = time.monotonic()
         if now - self._last_refusal_log > 10:
             self._last_refusal_log = now
             log.warning("%s (%d refused so far)", reason, self.stats.connections_refused)
-        writer.close()
+
+    def answered_all(self) -> None:
+        """While shutting down: note when no connection has anything left to answer."""
+        if self.closing and not any(connection.busy for connection in self.connections):
+            self._drained.set()
+
+    async def _reap(self) -> None:
+        """End connections idle (or in the middle of a request, or not reading) too long."""
+        while True:
+            await asyncio.sleep(min(1.0, REQUEST_TIMEOUT_SECONDS / 4))
+            now = time.monotonic()
+            for connection in list(self.connections):
+                connection.expire(now)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, let requests in flight finish (bounded), close the rest."""
+        if self._reaper is not None:
+            self._reaper.cancel()
         for listener in self.listeners:
             listener.close()
         self.closing = True
-        busy = []
-        for task, connection in list(self.connections.items()):
-            if connection.busy:
-                busy.append(task)  # ends by itself after its answer (it sees `closing`)
-            else:
-                connection.writer.close()  # its read returns at once; it ends quietly
-        if busy:
-            await asyncio.wait(busy, timeout=grace)
-        for task in list(self.connections):
-            task.cancel()
-        if self.connections:
-            await asyncio.wait(list(self.connections), timeout=1.0)
+        for connection in list(self.connections):
+            if not connection.busy and connection.transport is not None:
+                connection.transport.close()  # idle: it ends quietly
+        self.answered_all()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._drained.wait()  # each busy one closes itself after its answers
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        await asyncio.sleep(0)  # let connection_lost run
         if self.settings.socket:
             _remove_stale_socket(self.settings.socket)
 

@@ -38,18 +38,22 @@ _STRIDE = 1 + len(OUTCOMES)
 # Expired entries are cut from the front once they are at least this many and at least
 # half of the list (amortised O(1) per event, no copy per request).
 _COMPACT_MIN = 16
+_NEVER = 2**62
 
 
 class _User:
     """One user: ``entries`` holds pairs (ms, recipients << 2 | outcome), oldest first."""
 
-    __slots__ = ("entries", "floor", "last_seen", "state")
+    __slots__ = ("entries", "expires", "floor", "last_seen", "state")
 
     def __init__(self, spans: int) -> None:
         self.entries = array("q")
         self.state = [0] * (spans * _STRIDE)
         self.last_seen = 0  # ms of the newest event
         self.floor = 0  # events before this (ms) were reset and are ignored
+        # No head can move before this time (ms): until then advancing costs nothing.
+        # Kept at or before the true next expiry (0: look now; nothing held: never).
+        self.expires = _NEVER
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +101,13 @@ class Window:
             raise ValueError(f"window lengths must be positive, not {spans!r}")
         self._spans = wanted
         self._longest = wanted[0]
+        self._shortest = wanted[-1]
+        self._zeros = (0,) * len(wanted)
         for user in self._users.values():
             self._recount(user, now)
 
     def _recount(self, user: _User, now: int | None) -> None:
+        user.expires = 0
         entries = user.entries
         state = [0] * (len(self._spans) * _STRIDE)
         for index, span in enumerate(self._spans):
@@ -130,9 +137,12 @@ class Window:
         """What counts toward the quota in each window (in the order of ``spans``)."""
         user = self._users.get(name)
         if user is None:
-            return (0,) * len(self._spans)
-        self._advance(user, now)
+            return self._zeros
+        if now >= user.expires:
+            self._advance(user, now)
         state = user.state
+        if len(state) == _STRIDE:  # one window: the usual case
+            return (state[1] + state[2] + state[3] if count_rejected else state[1] + state[2],)
         if count_rejected:
             return tuple(
                 state[base + 1] + state[base + 2] + state[base + 3] for base in range(0, len(state), _STRIDE)
@@ -209,7 +219,8 @@ class Window:
             user = self._users[name] = _User(len(self._spans))
         else:
             self._users.move_to_end(name)
-            self._advance(user, now)
+            if now >= user.expires:
+                self._advance(user, now)
         if at < now - self._longest or at < user.floor:
             return False
         code = OUTCOME_CODES[outcome]
@@ -245,6 +256,8 @@ class Window:
                 # (everything from the head on is inside), which moves up by one.
                 state[base] = head + 1
         user.last_seen = max(user.last_seen, at)
+        # The new entry leaves the shortest window first, one millisecond after its edge.
+        user.expires = min(user.expires, at + self._shortest + 1)
         return counted
 
     def remove(self, name: str, at: int, recipients: int, outcome: Outcome, now: int) -> bool:
@@ -277,6 +290,7 @@ class Window:
         if user is None:
             user = self._users[name] = _User(len(self._spans))
         user.floor = max(user.floor, before)
+        user.expires = 0
         entries = user.entries
         keep_from = self._first_at_or_after(entries, before)
         state = user.state
@@ -347,10 +361,13 @@ class Window:
     # -- internals -----------------------------------------------------------------
 
     def _advance(self, user: _User, now: int) -> None:
+        """Move every window's head past the entries now outside it; note when the next
+        one will leave (user.expires), so that until then this is not even called."""
         entries = user.entries
         state = user.state
         count = len(entries) // 2
         moved = False
+        expires = _NEVER
         for index, span in enumerate(self._spans):
             base = index * _STRIDE
             head = state[base]
@@ -361,6 +378,9 @@ class Window:
                 head += 1
                 moved = True
             state[base] = head
+            if head < count:
+                expires = min(expires, entries[2 * head] + span + 1)
+        user.expires = expires
         if moved and state[0] >= _COMPACT_MIN and state[0] * 2 >= count:
             self._compact(user)
 

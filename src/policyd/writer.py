@@ -12,7 +12,7 @@ holds anything, new events go behind it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Callable
 
 from policyd.config import Settings
 from policyd.logs import log
@@ -25,6 +25,31 @@ from policyd.storage import Event, Storage, StorageError
 MAX_BATCH_EVENTS = 500
 # How much longer than db_timeout a request waits for its event to reach the spool.
 WRITE_GRACE_SECONDS = 1.0
+# How often what was committed is made durable against a power cut (storage.sync_to_disk):
+# a power cut loses at most this much of the latest events (SQLite; servers decide alone).
+SYNC_INTERVAL_SECONDS = 1.0
+
+
+class _Queued:
+    """An event waiting to be written, and who to tell (None once told)."""
+
+    __slots__ = ("arrived", "done", "event")
+
+    def __init__(self, event: Event, done: Callable[[], None], arrived: float) -> None:
+        self.event = event
+        self.done: Callable[[], None] | None = done
+        self.arrived = arrived  # loop time
+
+
+def _release(queued: list[_Queued]) -> None:
+    """Tell those waiting on these events (whatever became of them), each once."""
+    for item in queued:
+        done, item.done = item.done, None
+        if done is not None:
+            try:
+                done()
+            except Exception:
+                log.exception("answering after a write failed unexpectedly")
 
 
 class EventWriter:
@@ -46,7 +71,10 @@ class EventWriter:
         self.origin = origin  # written with every row: the tail skips its own daemon's
         self._replayed = 0  # since the spool last emptied
         self._last_drop_log = -INCIDENT_REMINDER_SECONDS
-        self._pending: list[tuple[Event, asyncio.Future[None]]] = []
+        self._loop = asyncio.get_running_loop()  # made by the daemon, inside its loop
+        self._pending: list[_Queued] = []
+        self._writing: list[_Queued] = []  # the batch being written
+        self._watchdog: asyncio.TimerHandle | None = None
         self._wakeup = asyncio.Event()
         self._replay_wakeup = asyncio.Event()
         self._spool_lock = asyncio.Lock()
@@ -76,42 +104,89 @@ class EventWriter:
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="policyd-writer"),
             asyncio.create_task(self._replay_loop(), name="policyd-replay"),
+            asyncio.create_task(self._sync_loop(), name="policyd-sync-to-disk"),
         ]
         if self.spool.pending_bytes:
             self._replay_wakeup.set()
 
-    async def write(self, event: Event) -> None:
-        """Queue the event; return once it is in the database or the spool (or dropped).
+    def submit(self, event: Event, done: Callable[[], None]) -> None:
+        """Queue the event; `done()` is called once it is in the database or the spool (or
+        dropped), exactly once.
 
-        The wait is bounded: if even the spool is slow (a disk in trouble), the answer goes
-        out anyway and the event stays queued.
+        Bounded: if even the spool is slow (a disk in trouble), `done()` is called
+        `db_timeout` plus a grace after the event arrived, and the event stays queued.
+        The bound is kept by one timer for the batch being written (see _release_late),
+        not by a timer per event.
         """
         if self._closing:
             raise StorageError("shutting down, not accepting new events")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, future))
-        self._wakeup.set()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.db_timeout + WRITE_GRACE_SECONDS):
-                await asyncio.shield(future)
+        self._pending.append(_Queued(event, done, self._loop.time()))
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    async def write(self, event: Event) -> None:
+        """submit(), awaited."""
+        future: asyncio.Future[None] = self._loop.create_future()
+
+        def done() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        self.submit(event, done)
+        await future
+
+    @property
+    def _bound(self) -> float:
+        return self.settings.db_timeout + WRITE_GRACE_SECONDS
 
     async def _write_loop(self) -> None:
+        loop = self._loop
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
                 batch = self._pending[:MAX_BATCH_EVENTS]
                 del self._pending[:MAX_BATCH_EVENTS]
+                self._writing = batch
+                self._watchdog = loop.call_at(batch[0].arrived + self._bound, self._release_late)
                 try:
-                    await self._write_batch([event for event, _ in batch])
+                    await self._write_batch([queued.event for queued in batch])
                 except Exception:
                     # A bug must not leave requests waiting forever or stop later writes.
                     log.exception("writing %d events failed unexpectedly", len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
+                finally:
+                    if self._watchdog is not None:
+                        self._watchdog.cancel()
+                    _release(batch)
+                    self._writing = []
             if self._closing:
                 return
+
+    def _release_late(self) -> None:
+        """The batch being written is late: answer its requests, and those queued behind it
+        that have waited the bound; look again when the next queued one will have."""
+        _release(self._writing)
+        now = self._loop.time()
+        _release([queued for queued in self._pending if queued.arrived + self._bound <= now])
+        waiting = [queued.arrived for queued in self._pending if queued.done is not None]
+        if waiting:
+            self._watchdog = self._loop.call_at(min(waiting) + self._bound, self._release_late)
+
+    async def _sync_loop(self) -> None:
+        synced = 0
+        while not self._closing:
+            await asyncio.sleep(SYNC_INTERVAL_SECONDS)
+            written = self.stats.events_written + self.stats.events_replayed
+            if written == synced or self.outage.active:
+                continue
+            try:
+                async with asyncio.timeout(SYNC_INTERVAL_SECONDS * 10):
+                    await self.storage.sync_to_disk()
+            except (StorageError, TimeoutError) as error:
+                # Not an outage by itself: a write failing for the same reason will say so.
+                log.debug("syncing the database to disk: %s", error)
+                continue
+            synced = written
 
     async def _write_batch(self, events: list[Event]) -> None:
         if self.spool.pending_bytes:

@@ -564,7 +564,7 @@ def test_postfix_keeps_one_connection_to_policyd_for_many_messages(
     assert smtpd_warnings(rig) == []
     assert_clean_policyd_log(daemon)
     assert daemon.stop() == 0
-    assert daemon.log_lines(rf"stopping: {sent} requests answered$")
+    assert daemon.log_lines(rf"stopping: {sent} requests answered, {sent} events counted$")
 
 
 def test_reload_applies_to_the_next_message_on_the_same_connection(
