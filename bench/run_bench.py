@@ -50,7 +50,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from tests import dbservers  # noqa: E402
 
 HISTORY_USERS = 10_000
-HISTORY_DAYS = 7
+# Spread over the 7 days before now, less a margin: the daemon purges what is older than
+# `retention` (7 days) at start, and the rows it would delete would count as missing.
+HISTORY_SECONDS = 7 * 86400 - 3600
 TABLE = "events"
 LISTEN_TIMEOUT = 600.0
 
@@ -156,6 +158,7 @@ class Database:
     backend: str
     url: str
     server: Any = None
+    _rows: int = 0
 
     def rows(self) -> int:
         if self.backend == "sqlite":
@@ -176,10 +179,13 @@ class Database:
         path.chmod(0o600)
         return path
 
-    def fill(self, rows: int, users: int = HISTORY_USERS, span_seconds: int = HISTORY_DAYS * 86400) -> float:
-        """`rows` events spread over the last `span_seconds` among `users` users; seconds taken."""
+    def fill(self, rows: int, users: int = HISTORY_USERS, span_seconds: int = HISTORY_SECONDS) -> float:
+        """`rows` events spread over the last `span_seconds` among `users` users, in time
+        order as a table that grew over those days is (each row a few seconds at most out
+        of order); returns the seconds taken."""
         started = time.monotonic()
         now = time.time()
+        self._rows = rows
         chunk = 1_000_000
         for first in range(1, rows + 1, chunk):
             last = min(rows, first + chunk - 1)
@@ -189,7 +195,7 @@ class Database:
                 self.server.admin_execute(
                     f"INSERT INTO {TABLE} (ts, sasl_username, sender, client_address, recipient_count, "
                     "action, event_id, origin) "
-                    f"SELECT FROM_UNIXTIME({now:.3f} - RAND() * {span_seconds}), "
+                    f"SELECT FROM_UNIXTIME({now:.3f} - {span_seconds} + seq * {span_seconds / rows!r} - RAND() * 3), "
                     f"CONCAT('u', LPAD(FLOOR(RAND() * {users}), 7, '0')), 'history@example.org', '192.0.2.1', "
                     "1 + FLOOR(RAND() * 5), 'DUNNO', LPAD(HEX(seq), 32, '0'), 'history' "
                     f"FROM seq_{first}_to_{last}",
@@ -199,7 +205,7 @@ class Database:
                 self.server.admin_execute(
                     f"INSERT INTO {TABLE} (ts, sasl_username, sender, client_address, recipient_count, "
                     "action, event_id, origin) "
-                    f"SELECT to_timestamp({now:.3f} - random() * {span_seconds}), "
+                    f"SELECT to_timestamp({now:.3f} - {span_seconds} + n * {span_seconds / rows!r} - random() * 3), "
                     f"'u' || lpad(floor(random() * {users})::int::text, 7, '0'), 'history@example.org', "
                     "'192.0.2.1', 1 + floor(random() * 5)::int, 'DUNNO', lpad(to_hex(n), 32, '0'), 'history' "
                     f"FROM generate_series({first}, {last}) AS n; ANALYZE {TABLE}",
@@ -213,10 +219,10 @@ class Database:
                 "WITH RECURSIVE seq(n) AS (SELECT ? UNION ALL SELECT n + 1 FROM seq WHERE n < ?) "
                 f"INSERT INTO {TABLE} (ts, sasl_username, sender, client_address, recipient_count, action, "
                 "event_id, origin) "
-                "SELECT strftime('%Y-%m-%d %H:%M:%f', ? - (abs(random()) % ?) / 1000.0, 'unixepoch'), "
+                "SELECT strftime('%Y-%m-%d %H:%M:%f', ? - ? / 1000.0 + (n * (? / 1000.0) / ?) - (abs(random()) % 3000) / 1000.0, 'unixepoch'), "
                 "printf('u%07d', abs(random()) % ?), 'history@example.org', '192.0.2.1', "
                 "1 + abs(random()) % 5, 'DUNNO', printf('%032x', n), 'history' FROM seq",
-                (first, last, now, span_seconds * 1000, users),
+                (first, last, now, span_seconds * 1000, span_seconds * 1000, self._rows, users),
             )
             connection.commit()
 

@@ -23,6 +23,10 @@ from policyd.storage import Event, Storage, StorageError
 
 # Events written in one transaction at most; more wait for the next one.
 MAX_BATCH_EVENTS = 500
+# Batches being written at once: the next one starts while the last commits (its trip to
+# the database and back is then off the answers' path), not more (they would only queue
+# in the database).
+BATCHES_IN_FLIGHT = 2
 # How much longer than db_timeout a request waits for its event to reach the spool.
 WRITE_GRACE_SECONDS = 1.0
 # How often what was committed is made durable against a power cut (storage.sync_to_disk):
@@ -73,8 +77,7 @@ class EventWriter:
         self._last_drop_log = -INCIDENT_REMINDER_SECONDS
         self._loop = asyncio.get_running_loop()  # made by the daemon, inside its loop
         self._pending: list[_Queued] = []
-        self._writing: list[_Queued] = []  # the batch being written
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._late_check_due = False  # a timer will look at the queue for late requests
         self._wakeup = asyncio.Event()
         self._replay_wakeup = asyncio.Event()
         self._spool_lock = asyncio.Lock()
@@ -140,37 +143,49 @@ class EventWriter:
         return self.settings.db_timeout + WRITE_GRACE_SECONDS
 
     async def _write_loop(self) -> None:
-        loop = self._loop
+        in_flight: set[asyncio.Task[None]] = set()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
+                if len(in_flight) >= BATCHES_IN_FLIGHT:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 batch = self._pending[:MAX_BATCH_EVENTS]
                 del self._pending[:MAX_BATCH_EVENTS]
-                self._writing = batch
-                self._watchdog = loop.call_at(batch[0].arrived + self._bound, self._release_late)
-                try:
-                    await self._write_batch([queued.event for queued in batch])
-                except Exception:
-                    # A bug must not leave requests waiting forever or stop later writes.
-                    log.exception("writing %d events failed unexpectedly", len(batch))
-                finally:
-                    if self._watchdog is not None:
-                        self._watchdog.cancel()
-                    _release(batch)
-                    self._writing = []
+                task = asyncio.create_task(self._write_and_release(batch))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
             if self._closing:
+                if in_flight:
+                    await asyncio.wait(in_flight)
                 return
 
-    def _release_late(self) -> None:
-        """The batch being written is late: answer its requests, and those queued behind it
+    async def _write_and_release(self, batch: list[_Queued]) -> None:
+        watchdog = self._loop.call_at(batch[0].arrived + self._bound, self._release_late, batch)
+        try:
+            await self._write_batch([queued.event for queued in batch])
+        except Exception:
+            # A bug must not leave requests waiting forever or stop later writes.
+            log.exception("writing %d events failed unexpectedly", len(batch))
+        finally:
+            watchdog.cancel()
+            _release(batch)
+
+    def _release_late(self, batch: list[_Queued]) -> None:
+        """A batch being written is late: answer its requests, and those queued behind it
         that have waited the bound; look again when the next queued one will have."""
-        _release(self._writing)
+        _release(batch)
         now = self._loop.time()
         _release([queued for queued in self._pending if queued.arrived + self._bound <= now])
         waiting = [queued.arrived for queued in self._pending if queued.done is not None]
-        if waiting:
-            self._watchdog = self._loop.call_at(min(waiting) + self._bound, self._release_late)
+        if waiting and not self._late_check_due:
+            self._late_check_due = True
+            self._loop.call_at(min(waiting) + self._bound, self._check_queued)
+
+    def _check_queued(self) -> None:
+        self._late_check_due = False
+        self._release_late([])
 
     async def _sync_loop(self) -> None:
         synced = 0

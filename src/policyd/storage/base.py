@@ -86,7 +86,7 @@ EVENT_ID_CHUNK = 500
 @dataclass(frozen=True, slots=True)
 class UserHistory:
     """One user's events in a window, read in bulk: times (ms since the epoch, UTC),
-    recipients and outcome codes (0 DUNNO, 1 HOLD, 2 REJECT), in time order."""
+    recipients and outcome codes (0 DUNNO, 1 HOLD, 2 REJECT), the i-th of each together."""
 
     sasl_username: str
     times: list[int]
@@ -207,7 +207,7 @@ class Storage(abc.ABC):
     ) -> list[UserHistory]:
         """Every user's events at or after `since` (and before `before`, if given) with a
         row id at most `up_to_id`, except those written by `exclude_origin`, grouped by
-        user in time order."""
+        user (a user's events in any order: Window.load sorts them)."""
 
     @abc.abstractmethod
     async def tail(self, after_id: int, exclude_origin: str, limit: int) -> Tail:

@@ -120,13 +120,13 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomysql
+from pymysql.converters import escape_string
 
 from policyd.logs import log
 from policyd.quota import Outcome
 from policyd.storage.base import (
     EVENT_COLUMNS,
     EVENT_ID_CHUNK,
-    EVENT_VALUES,
     OUTCOME_CODE_SQL,
     PURGE_BATCH_ROWS,
     Event,
@@ -154,6 +154,8 @@ OPERATION_TIMEOUT_SECONDS = 30.0
 # Connections idle longer than this are replaced rather than trusted (firewalls and
 # proxies drop idle connections silently; the server's wait_timeout is 8 h by default).
 POOL_RECYCLE_SECONDS = 600
+# A multi-row INSERT at most this long (max_allowed_packet is 16M by default).
+MAX_STATEMENT_BYTES = 1_000_000
 # How long migrate() waits for another process that is migrating the same table.
 MIGRATE_LOCK_SECONDS = 60
 
@@ -327,6 +329,16 @@ def _normal_default(value: Any) -> str | None:
     if len(text) >= 2 and text[0] == text[-1] == "'":
         return text[1:-1].lower()
     return re.sub(r"[\s`]", "", text).lower()  # an expression: spacing and quoting vary
+
+
+def _sql_literal(value: object) -> str:
+    """A value of an event row as SQL text (str, int or None only)."""
+    if value is None:
+        return "NULL"
+    if type(value) is int:
+        return str(value)
+    escaped: str = escape_string(str(value))
+    return "'" + escaped + "'"
 
 
 def format_ts(moment: datetime) -> str:
@@ -939,13 +951,24 @@ class MySQLStorage(Storage):
     async def add_events(self, events: Sequence[Event], origin: str | None = None) -> None:
         if not events:
             return
-        rows = [event_row(event, format_ts, origin) for event in events]
-        # Not INSERT IGNORE: that would turn real errors (a value too long...) into warnings.
-        sql = (
-            f"INSERT INTO {_q(self.table)} ({EVENT_COLUMNS}) "
-            f"VALUES ({', '.join(['%s'] * EVENT_VALUES)}) "
-            "ON DUPLICATE KEY UPDATE event_id = event_id"
-        )
+        # Multi-row INSERTs of up to MAX_STATEMENT_BYTES each, the values escaped here with
+        # PyMySQL's own escape_string (what its per-value dispatch ends in for a str).  One
+        # statement (the usual case) is atomic by itself in autocommit: one round trip, no
+        # BEGIN and COMMIT.  Not INSERT IGNORE: that would turn real errors (a value too
+        # long...) into warnings.
+        head = f"INSERT INTO {_q(self.table)} ({EVENT_COLUMNS}) VALUES "
+        tail = " ON DUPLICATE KEY UPDATE event_id = event_id"
+        statements: list[str] = []
+        values: list[str] = []
+        size = 0
+        for event in events:
+            row = "(" + ",".join(map(_sql_literal, event_row(event, format_ts, origin))) + ")"
+            if values and size + len(row) > MAX_STATEMENT_BYTES:
+                statements.append(head + ",".join(values) + tail)
+                values, size = [], 0
+            values.append(row)
+            size += len(row) + 1
+        statements.append(head + ",".join(values) + tail)
 
         async def run(conn: Any) -> None:
             layout = await self._layout_of(conn)
@@ -956,11 +979,14 @@ class MySQLStorage(Storage):
                     f"{self._where}: table {self.table} still has go-policyd's layout; "
                     "run `policyd migrate` to upgrade it"
                 )
-            await conn.begin()
             async with conn.cursor() as cursor:
-                # Multi-row INSERTs of up to ~1 MB each, all in this one transaction.
-                await cursor.executemany(sql, rows)
-            await conn.commit()
+                if len(statements) == 1:
+                    await cursor.execute(statements[0])
+                    return
+                await conn.begin()
+                for statement in statements:
+                    await cursor.execute(statement)
+                await conn.commit()
 
         await self._run("recording events", run, retry_safe=True)
 
@@ -994,8 +1020,7 @@ class MySQLStorage(Storage):
                 # Old rows have no action (all were let through), id or origin.
                 sql = (
                     "SELECT MIN(CONVERT(sasl_username USING utf8mb4)), "
-                    f"GROUP_CONCAT({ms} ORDER BY ts), GROUP_CONCAT(COALESCE(recipient_count, 0) ORDER BY ts), "
-                    "GROUP_CONCAT(0 ORDER BY ts) "
+                    f"GROUP_CONCAT({ms}), GROUP_CONCAT(COALESCE(recipient_count, 0)), GROUP_CONCAT(0) "
                     f"FROM {table} WHERE ts >= {self._since_sql(layout)}"
                     + (f" AND ts < {self._since_sql(layout)}" if until else "")
                     + " GROUP BY sasl_username"
@@ -1012,9 +1037,11 @@ class MySQLStorage(Storage):
                     filters.append("ts < %s")
                     params = (*params, format_ts(before))
                 sql = (
-                    f"SELECT MIN(sasl_username), GROUP_CONCAT({ms} ORDER BY ts), "
-                    "GROUP_CONCAT(recipient_count ORDER BY ts), "
-                    f"GROUP_CONCAT({OUTCOME_CODE_SQL} ORDER BY ts) "
+                    # No ORDER BY in the GROUP_CONCATs: each would sort on its own, and
+                    # two events of one millisecond could then pair up wrongly; in one
+                    # pass the three lists keep the rows' order (Window.load sorts).
+                    f"SELECT MIN(sasl_username), GROUP_CONCAT({ms}), GROUP_CONCAT(recipient_count), "
+                    f"GROUP_CONCAT({OUTCOME_CODE_SQL}) "
                     f"FROM {table} WHERE {' AND '.join(filters)} GROUP BY {group}"
                 )
             async with conn.cursor() as cursor:

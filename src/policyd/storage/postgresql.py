@@ -661,15 +661,16 @@ class PostgreSQLStorage(Storage):
         until = _ms(before) if before is not None else None
         ms = "(extract(epoch FROM ts) * 1000)::bigint"
         sql = (
-            f"SELECT sasl_username, array_agg({ms} ORDER BY ts), "
-            "array_agg(COALESCE(recipient_count, 0) ORDER BY ts), "
-            f"array_agg({OUTCOME_CODE_SQL} ORDER BY ts) "
+            # No ORDER BY in the aggregates: each would sort on its own, and two events of
+            # one millisecond could then pair up wrongly (Window.load sorts).
+            f"SELECT sasl_username, array_agg({ms}), array_agg(COALESCE(recipient_count, 0)), "
+            f"array_agg({OUTCOME_CODE_SQL}) "
             f"FROM {self._t} WHERE ts >= $1::timestamptz AND id <= $2 AND origin IS DISTINCT FROM $3 "
             "AND ($4::timestamptz IS NULL OR ts < $4::timestamptz) GROUP BY sasl_username"
         )
         legacy_sql = (
-            f"SELECT rtrim(sasl_username::text, ' '), array_agg({ms} ORDER BY ts), "
-            "array_agg(COALESCE(recipient_count, 0) ORDER BY ts), array_agg(0 ORDER BY ts) "
+            f"SELECT rtrim(sasl_username::text, ' '), array_agg({ms}), "
+            "array_agg(COALESCE(recipient_count, 0)), array_agg(0) "
             f"FROM {self._t} WHERE ts >= $1::timestamptz AND ($2::timestamptz IS NULL OR ts < $2::timestamptz) "
             "GROUP BY 1"
         )
