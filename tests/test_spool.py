@@ -1,17 +1,27 @@
-"""The on-disk spool: durable appends, replay offsets, what a crash can leave behind."""
+"""The spool: framed records, segments, the database's position, what a crash or a full
+or damaged disk can leave behind, and the lock."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policyd.quota import Outcome
-from policyd.spool import Spool, SpoolFull, decode_event, encode_event
+from policyd.spool import Spool, SpoolFull, SpoolLocked, decode_event, encode_event, pending_on_disk
 from policyd.storage import Event
+from tests.conftest import skip_or_fail
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+MB = 1 << 20
 
 
 def events(count: int, user: str = "alice") -> list[Event]:
@@ -21,83 +31,272 @@ def events(count: int, user: str = "alice") -> list[Event]:
     ]
 
 
-def test_event_round_trip_keeps_everything() -> None:
-    original = Event(NOW, "o'brien \\ \u540d", 'a"b@example.org', "2001:db8::1", 7, Outcome.HOLD)
-    line = encode_event(original)
-    assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert decode_event(line) == original
-
-
-def test_append_read_commit_and_reset(tmp_path: Path) -> None:
-    spool = Spool(str(tmp_path / "spool"), max_bytes=1 << 20)
-    assert spool.open() == ([], [])
-    spool.append(events(5))
-    spool.append(events(3, "bob"))
-    first = spool.read_batch(4)
-    assert [event.recipient_count for event in first.events] == [1, 2, 3, 4]
-    spool.commit(first.end_offset)
-    rest = spool.read_batch(100)
-    assert [event.sasl_username for event in rest.events] == ["alice", "bob", "bob", "bob"]
-    spool.commit(rest.end_offset)
-    assert spool.pending_bytes == 0
-    assert (tmp_path / "spool").stat().st_size == 0  # emptied once all is replayed
-    assert not (tmp_path / "spool.offset").exists()
-
-
-def test_a_restart_replays_from_the_committed_offset(tmp_path: Path) -> None:
-    path = str(tmp_path / "spool")
-    spool = Spool(path, max_bytes=1 << 20)
+def opened(path: Path, max_bytes: int = MB) -> Spool:
+    spool = Spool(str(path), max_bytes)
     spool.open()
+    return spool
+
+
+def die(spool: Spool) -> None:
+    """What a kill -9 does to the spool's files: closed where they are, nothing flushed."""
+    for descriptor in (spool._append_fd, spool._lock_file):
+        if descriptor is not None:
+            os.close(descriptor)
+    spool._append_fd = spool._lock_file = None
+
+
+def reopen(path: Path, max_bytes: int = MB) -> tuple[list[Event], list[str]]:
+    spool = Spool(str(path), max_bytes)
+    result = spool.open()
+    spool.close()
+    return result.events, result.problems
+
+
+def segment(path: Path, number: int = 1) -> Path:
+    return path.with_name(f"{path.name}.{number:06d}")
+
+
+text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=60)
+
+
+any_event = st.builds(
+    Event,
+    ts=st.integers(0, 10**13).map(lambda ms: datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)),
+    sasl_username=text,
+    sender=text,
+    client_address=text,
+    recipient_count=st.integers(0, 10**9),
+    outcome=st.sampled_from(list(Outcome)),
+    queue_id=st.text("0123456789ABCDEFabcdef", max_size=20),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(original=any_event)
+def test_a_record_keeps_everything(original: Event) -> None:
+    record = encode_event(original)
+    assert decode_event(record[10:]) == original
+
+
+def test_append_read_commit(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    spool = opened(path)
+    first, second = events(5), events(3, "bob")
+    _, taken = spool.append(first)
+    end, _ = spool.append(second)
+    assert taken == 5
+    batch = spool.read(spool.done, 4, end)
+    assert [event.recipient_count for event in batch.events] == [1, 2, 3, 4]
+    assert spool.commit(batch.end) is False  # nothing to delete: one segment
+    rest = spool.read(batch.end, 100, end)
+    assert [event.sasl_username for event in rest.events] == ["alice", "bob", "bob", "bob"]
+    spool.commit(rest.end)
+    assert spool.pending_bytes == 0
+    spool.close()
+    assert pending_on_disk(str(path)) == 0
+    assert reopen(path) == ([], [])
+
+
+def test_a_restart_replays_what_the_database_does_not_have(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    spool = opened(path)
     written = events(6)
-    spool.append(written)
-    spool.commit(spool.read_batch(2).end_offset)
-    # The process dies here; a new one opens the spool.
-    reopened = Spool(path, max_bytes=1 << 20)
-    pending, problems = reopened.open()
+    end, _ = spool.append(written)
+    spool.commit(spool.read(spool.done, 2, end).end)
+    spool.sync()  # saves the position; then the process dies
+    die(spool)
+    pending, problems = reopen(path)
     assert problems == []
     assert pending == written[2:]
-    assert [event.event_id for event in reopened.read_batch(10).events] == [e.event_id for e in written[2:]]
 
 
-def test_torn_last_line_is_cut_off_and_reported(tmp_path: Path) -> None:
+def test_segments_the_database_has_are_deleted(tmp_path: Path) -> None:
     path = tmp_path / "spool"
-    spool = Spool(str(path), max_bytes=1 << 20)
+    spool = Spool(str(path), 64 * 1024)  # segments of 8K
     spool.open()
+    for _ in range(40):
+        end, _ = spool.append(events(10))
+    assert len(list(tmp_path.glob("spool.0*"))) > 3
+    position = spool.done
+    while position < end:
+        batch = spool.read(position, 50, end)
+        if spool.commit(batch.end):
+            spool.delete_finished()
+        position = batch.end
+    assert sorted(tmp_path.glob("spool.0*")) == [segment(path, end[0])]
+    assert spool.pending_bytes == 0
+    spool.close()
+
+
+def test_a_torn_last_record_is_cut_off_and_reported(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    spool = opened(path)
     spool.append(events(2))
-    with path.open("ab") as spool_file:
-        spool_file.write(encode_event(events(1)[0])[:30])  # the write a crash interrupted
-    pending, problems = Spool(str(path), max_bytes=1 << 20).open()
+    spool.close()
+    with segment(path).open("ab") as segment_file:
+        segment_file.write(encode_event(events(1)[0])[:30])  # the write a crash interrupted
+    pending, problems = reopen(path)
     assert len(pending) == 2
-    assert "cut off an unfinished last line" in problems[0]
-    assert path.read_bytes().endswith(b"\n")
+    assert any("cut off an unfinished last record (30 bytes)" in problem for problem in problems)
+    assert segment(path).stat().st_size == 2 * len(encode_event(events(1)[0]))
 
 
-def test_corrupt_line_stops_the_replay_there_and_is_reported(tmp_path: Path) -> None:
+def test_a_damaged_record_in_the_middle_is_skipped_and_the_rest_replayed(tmp_path: Path) -> None:
     path = tmp_path / "spool"
-    path.write_bytes(encode_event(events(1)[0]) + b"{not json}\n" + encode_event(events(1)[0]))
-    pending, problems = Spool(str(path), max_bytes=1 << 20).open()
-    assert len(pending) == 1
-    assert "bad spool line" in problems[0]
+    spool = opened(path)
+    written = events(5)
+    spool.append(written)
+    spool.close()
+    data = bytearray(segment(path).read_bytes())
+    size = len(encode_event(written[0]))
+    data[2 * size + 15] ^= 0xFF  # one byte of the third record's payload
+    segment(path).write_bytes(bytes(data))
+    reader = Spool(str(path), MB)
+    result = reader.open()
+    reader.close()
+    assert [event.recipient_count for event in result.events] == [1, 2, 4, 5]
+    assert result.damaged == 1
+    assert any("damaged bytes at offset" in problem and "replayed" in problem for problem in result.problems)
 
 
-def test_bad_offset_file_replays_everything(tmp_path: Path) -> None:
+def test_garbage_between_records_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "spool"
-    spool = Spool(str(path), max_bytes=1 << 20)
-    spool.open()
+    spool = opened(path)
+    spool.append(events(2))
+    spool.close()
+    with segment(path).open("ab") as segment_file:
+        segment_file.write(b"\xa7\x5e garbage that looks like a marker" + encode_event(events(3, "bob")[2]))
+    pending, problems = reopen(path)
+    assert [event.sasl_username for event in pending] == ["alice", "alice", "bob"]
+    assert any("damaged bytes" in problem for problem in problems)
+
+
+def test_an_unreadable_position_file_replays_everything(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    spool = opened(path)
     spool.append(events(3))
-    (tmp_path / "spool.offset").write_text("999999\n")
-    pending, problems = Spool(str(path), max_bytes=1 << 20).open()
+    spool.close()
+    (tmp_path / "spool.done").write_text("not a position\n")
+    pending, problems = reopen(path)
     assert len(pending) == 3
-    assert "bad offset" in problems[0]
+    assert "unreadable" in problems[0]
 
 
-def test_the_size_limit_is_enforced(tmp_path: Path) -> None:
-    spool = Spool(str(tmp_path / "spool"), max_bytes=2000)
+def test_the_size_limit_takes_what_fits_then_refuses(tmp_path: Path) -> None:
+    limit = 4096
+    spool = Spool(str(tmp_path / "spool"), limit)
     spool.open()
-    appended = 0
-    with pytest.raises(SpoolFull):
-        while True:
-            spool.append(events(1))
-            appended += 1
-    assert 0 < appended < 20
-    assert (tmp_path / "spool").stat().st_size <= 2000
+    record = len(encode_event(events(1)[0]))
+    _, taken = spool.append(events(1000))
+    assert taken == limit // record
+    with pytest.raises(SpoolFull, match="would exceed its limit of 4096 bytes"):
+        spool.append(events(1))
+    assert spool.total_bytes <= limit
+    spool.close()
+
+
+def test_a_second_daemon_on_the_same_spool_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    first = opened(path)
+    with pytest.raises(SpoolLocked, match=rf"in use by another policyd \(pid {os.getpid()}\)"):
+        Spool(str(path), MB).open()
+    first.close()
+    opened(path).close()  # free again once the first has closed it
+
+
+def test_the_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from policyd.spool import Spool; s = Spool({str(path)!r}, 1 << 20); s.open(); input()",
+        ],
+        stdin=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")},
+    )
+    try:
+        for _ in range(100):
+            if (tmp_path / "spool.lock").exists() and (tmp_path / "spool.lock").read_text().strip():
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        with pytest.raises(SpoolLocked, match=rf"pid {holder.pid}"):
+            Spool(str(path), MB).open()
+    finally:
+        holder.kill()
+        holder.wait()
+    opened(path).close()
+
+
+def test_the_previous_versions_spool_is_moved_into_the_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    old = events(3)
+    lines = [
+        json.dumps(
+            {
+                "id": event.event_id,
+                "ts": event.ts.isoformat(),
+                "user": event.sasl_username,
+                "sender": event.sender,
+                "ip": event.client_address,
+                "rcpt": event.recipient_count,
+                "action": event.outcome.value,
+            }
+        ).encode()
+        + b"\n"
+        for event in old
+    ]
+    path.write_bytes(b"".join(lines))
+    (tmp_path / "spool.offset").write_text(f"{len(lines[0])}\n")  # the first one was replayed
+    pending, problems = reopen(path)
+    assert pending == old[1:]
+    assert any("previous version" in problem for problem in problems)
+    assert not path.exists() and not (tmp_path / "spool.offset").exists()
+    assert reopen(path)[0] == old[1:]  # now in the new spool, still waiting
+
+
+# ---------------------------------------------------------------------------
+# a real full disk: a small tmpfs (needs root to mount; CI runs as root)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A file taking all the space of `disk` but `leave` bytes (roughly: tmpfs counts pages)."""
+    filler = disk / "filler"
+    stats = os.statvfs(disk)
+    filler.write_bytes(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave))
+    return filler
+
+
+def test_a_short_write_on_a_full_disk_is_taken_back(small_disk: Path) -> None:
+    path = small_disk / "spool"
+    spool = opened(path)
+    first = events(5)
+    spool.append(first)
+    filler = fill(small_disk, leave=0)
+    with pytest.raises(OSError):
+        spool.append(events(400, "bob"))  # far more than the space left: cut short, then ENOSPC
+    size = segment(path).stat().st_size
+    assert size == sum(len(encode_event(event)) for event in first)  # nothing half written stays
+    filler.unlink()  # space again: appends go on, and nothing before is lost
+    later = events(3, "carol")
+    spool.append(later)
+    spool.close()
+    pending, problems = reopen(path)
+    assert problems == []
+    assert pending == first + later

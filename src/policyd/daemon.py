@@ -77,13 +77,12 @@ class Daemon:
         storage = create_storage(settings.database, settings.table)
         spool = Spool(settings.spool, settings.spool_max_size)
         stats = self.stats
-        outage = self.outage = Outage(
-            settings.db_retry, stats, str(spool.path), spool_empty=lambda: not spool.pending_bytes
-        )
+        outage = self.outage = Outage(settings.db_retry, stats, str(spool.path))
         window = Window(window_spans(settings.rules))
         writer = self.writer = EventWriter(
             storage=storage, spool=spool, outage=outage, stats=stats, settings=settings, origin=self.origin
         )
+        outage.spool_empty = writer.caught_up_now  # an outage ends once its backlog is written
         decider = self.decider = Decider(
             settings=settings, window=window, writer=writer, outage=outage, stats=stats, clock=self.clock
         )
@@ -167,7 +166,7 @@ class Daemon:
             f"{sum(stats.requests.values())} requests: {stats.outcome_count('DUNNO')} dunno, "
             f"{stats.outcome_count('HOLD')} held, {stats.outcome_count('REJECT')} rejected; "
             f"{len(self.server.connections)} connections; {database}; "
-            f"spool {self.writer.spool.pending_bytes} bytes"
+            f"spool {self.writer.backlog_bytes} bytes behind"
         )
 
     async def _report_to_systemd(self) -> None:

@@ -174,16 +174,25 @@ class Decider:
     async def _count_strictly(
         self, message: Message, settings: Settings, answer: Callable[[Verdict], None]
     ) -> None:
+        catch_up = self.catch_up
         try:
-            if await self.catch_up(settings.db_timeout):  # type: ignore[misc]
+            if catch_up is not None and await catch_up(settings.db_timeout):
                 self.stats.strict_reads += 1
         finally:
             # Read or not (the database may be slow: then from the window, as always), the
-            # decision itself runs from here without yielding: atomic again.
-            self._count(message, settings, self.clock(), answer)
+            # decision itself runs from here without yielding: atomic again.  Its answer
+            # waits until the event is in the database, so the other daemons' strict reads
+            # see it: at most one message per connection is unseen, as when every request
+            # read the database.
+            self._count(message, settings, self.clock(), answer, committed=True)
 
     def _count(
-        self, message: Message, settings: Settings, now: datetime, answer: Callable[[Verdict], None]
+        self,
+        message: Message,
+        settings: Settings,
+        now: datetime,
+        answer: Callable[[Verdict], None],
+        committed: bool = False,
     ) -> None:
         """Totals, decision, the message into the window, the event to the writer: no await
         anywhere, so no other request of this user in between."""
@@ -221,7 +230,8 @@ class Decider:
             verdict.outcome,
             queue_id=message.queue_id,
         )
-        self.writer.submit(event, functools.partial(answer, verdict))
+        # Waiting for the database makes sense only while it answers.
+        self.writer.submit(event, functools.partial(answer, verdict), committed and not self.outage.active)
 
     def _near_a_threshold(self, rules: QuotaRules, message: Message, now_ms: int) -> bool:
         """Whether this decision takes the strict path (see STRICT_FROM)."""

@@ -62,14 +62,17 @@ class Outage:
         """Whether to wait on the database now (not within db_retry of a failure)."""
         return not self.active or time.monotonic() >= self._retry_at
 
-    async def attempt(self, operation: Awaitable[T], timeout: float, kind: str) -> T | None:
+    async def attempt(
+        self, operation: Awaitable[T], timeout: float, kind: str, may_end: bool = True
+    ) -> T | None:
         """Run a database operation for at most `timeout`; None if it failed or timed out.
 
         Shielded: a hung server must not hold the caller while a cancelled query waits
         for the server to acknowledge the cancel (asyncpg does); a write that commits
         after we stop waiting is harmless (its spooled copy is skipped on replay).
         `kind` is "write" or "read".  A success may end the incident (see succeeded),
-        unless the operation began before the incident did (it raced the failure).
+        unless the operation began before the incident did (it raced the failure), or
+        the caller ends it itself (`may_end` False: the writer, once it has counted).
         """
         started = time.monotonic()
         task = asyncio.ensure_future(operation)
@@ -81,7 +84,7 @@ class Outage:
             task.add_done_callback(_ignore_result)
             self.failed(error, kind)
             return None
-        if self.active and started > self._started:
+        if may_end and self.active and started > self._started:
             self.succeeded(kind)
         return result
 

@@ -16,12 +16,13 @@ class Stats:
     requests: Counter[str] = field(default_factory=Counter)
     # decisions by (outcome, limit label; "" when within every limit or not counted)
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
-    # events: counted (handed to the writer), then written, spooled, replayed, or dropped
+    # events: counted (handed to the writer), spooled, written, or dropped
     events_counted: int = 0
-    events_written: int = 0  # committed to the database by a live write
-    events_spooled: int = 0  # appended to the spool (the database could not take them)
-    events_replayed: int = 0  # moved from the spool to the database
-    events_dropped: int = 0  # lost: neither the database nor the spool took them
+    events_spooled: int = 0  # appended to the spool (before their answers)
+    events_written: int = 0  # committed to the database
+    events_replayed: int = 0  # of those, written while an outage lasted (its backlog)
+    events_dropped: int = 0  # lost: neither the spool nor the database took them
+    spool_damaged: int = 0  # damaged stretches of the spool skipped at start
     write_batches: int = 0
     # decided while the database was unavailable (from the window, as always) and
     # decided with db_error_action (the window did not know the user yet)

@@ -192,6 +192,8 @@ class WindowSync:
     def others_active(self) -> int:
         """How many other daemons write to this database (recent rows of theirs read in
         the last OTHERS_ACTIVE_SECONDS)."""
+        if not self._origins:
+            return 0
         horizon = time.monotonic() - OTHERS_ACTIVE_SECONDS
         for origin in [origin for origin, seen in self._origins.items() if seen < horizon]:
             del self._origins[origin]

@@ -1,48 +1,57 @@
-"""Gets each counted event into the database, or into the spool when the database cannot
-take it, before its answer goes out.
+"""Gets every counted event onto local disk before its answer goes out, and into the
+database behind it.
 
-Events of concurrent requests share one transaction (group commit): while a batch is
-being committed the next one gathers.  A request waits for its own event to be committed
-or fsync'd in the spool (bounded: `db_timeout` plus a grace), so a crash of policyd
-(kill -9) loses no answered event.  What the database cannot take goes to the spool
-(spool.py) and is replayed in order, exactly once, when it is back; while the spool
-holds anything, new events go behind it.
+Two tasks, each with a thread of its own for the files:
+
+- The journal: events submitted while it was busy are appended to the spool in one
+  write (spool.py), then their answers go out.  That is the promise: an answered event
+  is on disk (fsync'd within a second), so a crash of policyd loses none.
+- The database: reads the spool in order, from where it has got to, and writes batches
+  of up to MAX_BATCH_EVENTS in one transaction each.  Nothing of it is on the answers'
+  path: a slow or stopped database only makes the spool grow, up to spool_max_size.
+
+When the spool cannot take an event (full, or its disk is), the answer waits for the
+database instead, bounded by `db_timeout` plus a grace; when neither can, the event is
+dropped, and counted (the outage's end line says how many).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from policyd.config import Settings
 from policyd.logs import log
 from policyd.outage import INCIDENT_REMINDER_SECONDS, Outage
-from policyd.spool import Spool, SpoolFull
+from policyd.spool import Opened, Position, Spool, SpoolFull
 from policyd.stats import Stats
 from policyd.storage import Event, Storage, StorageError
 
-# Events written in one transaction at most; more wait for the next one.
+# Events written to the database in one transaction at most.
 MAX_BATCH_EVENTS = 500
-# Batches being written at once: the next one starts while the last commits (its trip to
-# the database and back is then off the answers' path), not more (they would only queue
-# in the database).
-BATCHES_IN_FLIGHT = 2
-# How much longer than db_timeout a request waits for its event to reach the spool.
+# Events just spooled kept in memory for the database at most (about 400 bytes each);
+# past that (a long outage) the backlog is read back from the spool.
+MAX_FRESH_EVENTS = 50_000
+# How much longer than db_timeout a request waits for its event to be recorded.
 WRITE_GRACE_SECONDS = 1.0
-# How often what was committed is made durable against a power cut (storage.sync_to_disk):
-# a power cut loses at most this much of the latest events (SQLite; servers decide alone).
+# How often the spool is fsync'd (and the database's position in it saved), and the
+# database made durable against a power cut (storage.sync_to_disk, for SQLite): a power
+# cut loses at most this much of the latest events.
 SYNC_INTERVAL_SECONDS = 1.0
 
 
 class _Queued:
-    """An event waiting to be written, and who to tell (None once told)."""
+    """An event waiting to be recorded, and who to tell (None once told)."""
 
-    __slots__ = ("arrived", "done", "event")
+    __slots__ = ("arrived", "committed", "done", "event")
 
-    def __init__(self, event: Event, done: Callable[[], None], arrived: float) -> None:
+    def __init__(self, event: Event, done: Callable[[], None], arrived: float, committed: bool) -> None:
         self.event = event
         self.done: Callable[[], None] | None = done
         self.arrived = arrived  # loop time
+        self.committed = committed  # told once in the database, not once in the spool
 
 
 def _release(queued: list[_Queued]) -> None:
@@ -73,59 +82,89 @@ class EventWriter:
         self.stats = stats
         self.settings = settings
         self.origin = origin  # written with every row: the tail skips its own daemon's
-        self._replayed = 0  # since the spool last emptied
-        self._last_drop_log = -INCIDENT_REMINDER_SECONDS
         self._loop = asyncio.get_running_loop()  # made by the daemon, inside its loop
-        self._pending: list[_Queued] = []
-        self._late_check_due = False  # a timer will look at the queue for late requests
-        self._wakeup = asyncio.Event()
-        self._replay_wakeup = asyncio.Event()
-        self._spool_lock = asyncio.Lock()
+        # One thread appends to the spool, another reads it for the database: an append
+        # never waits behind a read.
+        self._journal_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policyd-spool-append")
+        self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policyd-spool-read")
+        self._pending: list[_Queued] = []  # waiting for the journal
+        self._unspooled: list[_Queued] = []  # the spool refused them: waiting for the database
+        self._journal_wakeup = asyncio.Event()
+        self._database_wakeup = asyncio.Event()
+        self._spooled_to = spool.end  # the spool holds every event before this (loop's view)
+        self._read_from = spool.done  # the database has every event before this
+        # What was just spooled, still in memory, from where the database has got: written
+        # from here rather than read back from the spool (a backlog is read back).
+        self._fresh: deque[tuple[Position, Position, list[Event]]] = deque()
+        self._fresh_events = 0
+        # Spooled, answered once the database has them (the spool's position after each).
+        self._after_commit: deque[tuple[Position, _Queued]] = deque()
+        self._spool_ok = True
+        self._last_loss_log = -INCIDENT_REMINDER_SECONDS
+        self._late_check_due = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self.caught_up = asyncio.Event()  # the database has everything spooled so far
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._unspooled)
+
+    def caught_up_now(self) -> bool:
+        """The database has every event spooled so far, and none waits outside the spool."""
+        return not self._unspooled and self._read_from >= self._spooled_to
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes of events in the spool the database does not have yet."""
+        return self.spool.pending_bytes
 
     async def open_spool(self) -> list[Event]:
-        """Open the spool; returns the events a previous run left there (not in the
-        database yet, as far as the spool knows)."""
+        """Open the spool (raises SpoolLocked when another daemon has it); returns the events
+        a previous run left there, not in the database yet as far as the spool knows."""
         try:
-            events, problems = await asyncio.to_thread(self.spool.open)
+            opened = await self._loop.run_in_executor(self._journal_thread, self.spool.open)
         except OSError as error:
-            # Not fatal: mail keeps flowing; only events the database refuses would be lost.
-            log.error("spool: cannot open %s: %s", self.spool.path, error)
-            events, problems = [], []
-        for problem in problems:
+            # Not fatal: mail keeps flowing; answers then wait for the database.
+            log.error("spool: cannot open %s: %s; answers wait for the database", self.spool.path, error)
+            self._spool_ok = False
+            opened = Opened()
+        for problem in opened.problems:
             log.error("spool: %s", problem)
-        if events:
-            log.warning("spool: %d events from a previous run are waiting for the database", len(events))
-        return events
+        if opened.events:
+            log.warning(
+                "spool: %d events from a previous run are waiting for the database", len(opened.events)
+            )
+        self.stats.spool_damaged += opened.damaged
+        self._spooled_to = self.spool.end
+        self._read_from = self.spool.done
+        return opened.events
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._write_loop(), name="policyd-writer"),
-            asyncio.create_task(self._replay_loop(), name="policyd-replay"),
+            asyncio.create_task(self._journal_loop(), name="policyd-journal"),
+            asyncio.create_task(self._database_loop(), name="policyd-database-writer"),
             asyncio.create_task(self._sync_loop(), name="policyd-sync-to-disk"),
         ]
-        if self.spool.pending_bytes:
-            self._replay_wakeup.set()
+        self._database_wakeup.set()
 
-    def submit(self, event: Event, done: Callable[[], None]) -> None:
-        """Queue the event; `done()` is called once it is in the database or the spool (or
-        dropped), exactly once.
+    # -- taking events -------------------------------------------------------------
 
-        Bounded: if even the spool is slow (a disk in trouble), `done()` is called
-        `db_timeout` plus a grace after the event arrived, and the event stays queued.
-        The bound is kept by one timer for the batch being written (see _release_late),
-        not by a timer per event.
+    def submit(self, event: Event, done: Callable[[], None], committed: bool = False) -> None:
+        """Queue the event; `done()` is called once it is in the spool (or, when the spool
+        cannot take it, in the database, or dropped), exactly once.  With `committed`,
+        once it is in the database (the decider's strict path: other daemons then see it
+        before this one answers, as each decision of theirs reads the database first).
+
+        Bounded: `done()` is called at the latest `db_timeout` plus a grace after the
+        event arrived, whatever the disks are doing (see _release_late); the event stays
+        queued.
         """
         if self._closing:
             raise StorageError("shutting down, not accepting new events")
-        self._pending.append(_Queued(event, done, self._loop.time()))
-        if not self._wakeup.is_set():
-            self._wakeup.set()
+        self._pending.append(_Queued(event, done, self._loop.time(), committed))
+        if not self._journal_wakeup.is_set():
+            self._journal_wakeup.set()
 
     async def write(self, event: Event) -> None:
         """submit(), awaited."""
@@ -142,43 +181,92 @@ class EventWriter:
     def _bound(self) -> float:
         return self.settings.db_timeout + WRITE_GRACE_SECONDS
 
-    async def _write_loop(self) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
+    # -- the journal -----------------------------------------------------------------
+
+    async def _journal_loop(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await self._journal_wakeup.wait()
+            self._journal_wakeup.clear()
             while self._pending:
-                if len(in_flight) >= BATCHES_IN_FLIGHT:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                batch = self._pending[:MAX_BATCH_EVENTS]
-                del self._pending[:MAX_BATCH_EVENTS]
-                task = asyncio.create_task(self._write_and_release(batch))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                batch, self._pending = self._pending, []
+                watchdog = self._loop.call_at(batch[0].arrived + self._bound, self._release_late, batch)
+                try:
+                    await self._journal(batch)
+                except Exception:
+                    # A bug must not leave requests waiting forever or stop later writes.
+                    log.exception("spooling %d events failed unexpectedly", len(batch))
+                    _release(batch)
+                finally:
+                    watchdog.cancel()
             if self._closing:
-                if in_flight:
-                    await asyncio.wait(in_flight)
                 return
 
-    async def _write_and_release(self, batch: list[_Queued]) -> None:
-        watchdog = self._loop.call_at(batch[0].arrived + self._bound, self._release_late, batch)
+    async def _journal(self, batch: list[_Queued]) -> None:
+        events = [queued.event for queued in batch]
         try:
-            await self._write_batch([queued.event for queued in batch])
-        except Exception:
-            # A bug must not leave requests waiting forever or stop later writes.
-            log.exception("writing %d events failed unexpectedly", len(batch))
-        finally:
-            watchdog.cancel()
+            end, taken = await self._loop.run_in_executor(self._journal_thread, self.spool.append, events)
+        except (SpoolFull, OSError) as error:
+            self._spool_refused(error, batch)
+            return
+        self.stats.events_spooled += taken
+        if not self._spool_ok:
+            self._spool_ok = True
+            log.warning("spool: %s takes events again", self.spool.path)
+        start, self._spooled_to = self._spooled_to, end
+        contiguous = (self._fresh and self._fresh[-1][1] == start) or self._read_from == start
+        if contiguous and self._fresh_events + taken <= MAX_FRESH_EVENTS:
+            self._fresh.append((start, end, events[:taken]))
+            self._fresh_events += taken
+        else:
+            self._fresh.clear()  # too far behind: the backlog is read back from the spool
+            self._fresh_events = 0
+        self.caught_up.clear()
+        spooled = batch[:taken]
+        # On disk: the answers may go out, but those waiting for the database.
+        _release([queued for queued in spooled if not queued.committed])
+        for queued in spooled:
+            if queued.committed:
+                self._after_commit.append((end, queued))
+                # Bounded like every answer, whatever the database does meanwhile.
+                self._loop.call_at(queued.arrived + self._bound, _release, [queued])
+        if not self._database_wakeup.is_set():
+            self._database_wakeup.set()
+        if taken < len(batch):
+            self._spool_refused(
+                SpoolFull(f"{self.spool.path} would exceed its limit of {self.spool.max_bytes} bytes"),
+                batch[taken:],
+            )
+
+    def _spool_refused(self, error: BaseException, batch: list[_Queued]) -> None:
+        """The spool cannot take these: their answers wait for the database instead, or,
+        if the database is known to be down too, they are lost (and counted) at once."""
+        now = self._loop.time()
+        lost = self.outage.active and not self.outage.should_try()
+        if self._spool_ok or now - self._last_loss_log >= INCIDENT_REMINDER_SECONDS:
+            self._last_loss_log = now
+            if lost:
+                # The count of lost events is in the line that ends the outage.
+                log.error("spool: %s; events are being lost until the database is back", error)
+            else:
+                log.error(
+                    "spool: %s; answers wait for the database until the spool takes events again", error
+                )
+        self._spool_ok = False
+        if lost:
+            self.stats.events_dropped += len(batch)
             _release(batch)
+            return
+        self._unspooled.extend(batch)
+        self._database_wakeup.set()
 
     def _release_late(self, batch: list[_Queued]) -> None:
-        """A batch being written is late: answer its requests, and those queued behind it
-        that have waited the bound; look again when the next queued one will have."""
+        """A batch is late (a disk in trouble): answer its requests, and those queued behind
+        it that have waited the bound; look again when the next queued one will have."""
         _release(batch)
         now = self._loop.time()
-        _release([queued for queued in self._pending if queued.arrived + self._bound <= now])
-        waiting = [queued.arrived for queued in self._pending if queued.done is not None]
+        queues = (self._pending, self._unspooled)
+        _release([queued for queue in queues for queued in queue if queued.arrived + self._bound <= now])
+        waiting = [queued.arrived for queue in queues for queued in queue if queued.done is not None]
         if waiting and not self._late_check_due:
             self._late_check_due = True
             self._loop.call_at(min(waiting) + self._bound, self._check_queued)
@@ -187,12 +275,111 @@ class EventWriter:
         self._late_check_due = False
         self._release_late([])
 
+    # -- the database ------------------------------------------------------------------
+
+    async def _database_loop(self) -> None:
+        while True:
+            if self.caught_up_now():
+                self.caught_up.set()
+                self.outage.succeeded("write")  # the backlog, if any, is in: an outage ends
+                if self._closing:
+                    return
+                self._database_wakeup.clear()
+                await self._database_wakeup.wait()
+                continue
+            if not self.outage.should_try() and not self._closing:
+                await asyncio.sleep(min(self.outage.retry_seconds, 0.2))
+                continue
+            try:
+                if self._unspooled:
+                    await self._write_unspooled()
+                elif not await self._write_spooled() and self._closing:
+                    return  # stopping, and the database still fails: it waits in the spool
+            except Exception:
+                # A bug: say so, and try again later rather than die.
+                log.exception(
+                    "writing to the database failed unexpectedly; retrying in %gs", self.outage.retry_seconds
+                )
+                await asyncio.sleep(self.outage.retry_seconds)
+
+    async def _write_spooled(self) -> bool:
+        """The next batch from the spool into the database; False if the database failed."""
+        events, end, taken = self._from_memory()
+        if not taken:
+            # Behind what is in memory: read it back (up to where memory starts).
+            stop = self._fresh[0][0] if self._fresh else self._spooled_to
+            batch = await self._loop.run_in_executor(
+                self._reader_thread, self.spool.read, self._read_from, MAX_BATCH_EVENTS, stop
+            )
+            events, end = batch.events, batch.end
+        backlog = self.outage.active  # written now, these are the outage's replayed events
+        if events and not await self._add(events):
+            return False  # the outage is told; the same batch again once db_retry has passed
+        for _ in range(taken):
+            _, _, written = self._fresh.popleft()
+            self._fresh_events -= len(written)
+        self._read_from = end
+        while self._after_commit and self._after_commit[0][0] <= end:
+            _release([self._after_commit.popleft()[1]])
+        if self.spool.commit(end):
+            await self._loop.run_in_executor(self._reader_thread, self.spool.delete_finished)
+        self.stats.events_written += len(events)
+        if backlog:
+            self.stats.events_replayed += len(events)
+        return True
+
+    def _from_memory(self) -> tuple[list[Event], Position, int]:
+        """The next events to write, if memory has them from where the database has got:
+        (events, where they end, how many spooled batches they are)."""
+        fresh = self._fresh
+        if not fresh or fresh[0][0] != self._read_from:
+            return [], self._read_from, 0
+        events: list[Event] = []
+        end = self._read_from
+        taken = 0
+        for _, batch_end, batch in fresh:
+            if events and len(events) + len(batch) > MAX_BATCH_EVENTS:
+                break
+            events.extend(batch)
+            end = batch_end
+            taken += 1
+        return events, end, taken
+
+    async def _write_unspooled(self) -> None:
+        batch = self._unspooled[:MAX_BATCH_EVENTS]
+        if await self._add([queued.event for queued in batch]):
+            self.stats.events_written += len(batch)
+        else:
+            # Neither the spool nor the database: lost, and counted.
+            self.stats.events_dropped += len(batch)
+        del self._unspooled[: len(batch)]
+        _release(batch)
+
+    async def _add(self, events: list[Event]) -> bool:
+        # The writer ends an outage itself, once caught up and counted (_database_loop).
+        written = await self.outage.attempt(
+            self._add_events(events), self.settings.db_timeout, kind="write", may_end=False
+        )
+        if written:
+            self.stats.write_batches += 1
+        return bool(written)
+
+    async def _add_events(self, events: list[Event]) -> bool:
+        """add_events with a result, so that success is told apart from attempt()'s None."""
+        await self.storage.add_events(events, self.origin)
+        return True
+
+    # -- durability --------------------------------------------------------------------
+
     async def _sync_loop(self) -> None:
-        synced = 0
+        written = 0
         while not self._closing:
             await asyncio.sleep(SYNC_INTERVAL_SECONDS)
-            written = self.stats.events_written + self.stats.events_replayed
-            if written == synced or self.outage.active:
+            try:
+                await self._loop.run_in_executor(self._journal_thread, self.spool.sync)
+            except OSError as error:
+                log.debug("syncing the spool: %s", error)
+            if self.stats.events_written == written or self.outage.active:
                 continue
             try:
                 async with asyncio.timeout(SYNC_INTERVAL_SECONDS * 10):
@@ -201,106 +388,33 @@ class EventWriter:
                 # Not an outage by itself: a write failing for the same reason will say so.
                 log.debug("syncing the database to disk: %s", error)
                 continue
-            synced = written
+            written = self.stats.events_written
 
-    async def _write_batch(self, events: list[Event]) -> None:
-        if self.spool.pending_bytes:
-            # Behind a spool being replayed: wait for the replay's batch in progress, and
-            # stay behind what is left of it, so the database gets every event in order.
-            async with self._spool_lock:
-                if self.spool.pending_bytes:
-                    await self._append(events)
-                    return
-        if self.outage.should_try():
-            written = await self.outage.attempt(
-                self._add_events(events), self.settings.db_timeout, kind="write"
-            )
-            if written:
-                self.stats.events_written += len(events)
-                self.stats.write_batches += 1
-                return
-        async with self._spool_lock:
-            await self._append(events)
-
-    async def _add_events(self, events: list[Event]) -> bool:
-        """add_events with a result, so that success is told apart from attempt()'s None."""
-        await self.storage.add_events(events, self.origin)
-        return True
-
-    async def _append(self, events: list[Event]) -> None:
-        """Append to the spool; the caller holds the spool lock."""
-        try:
-            await asyncio.to_thread(self.spool.append, events)
-        except (SpoolFull, OSError) as error:
-            self.stats.events_dropped += len(events)
-            now = asyncio.get_running_loop().time()
-            if now - self._last_drop_log >= INCIDENT_REMINDER_SECONDS:
-                self._last_drop_log = now
-                # The count of lost events is in the line that ends the outage.
-                log.error("spool: %s; events are being lost until the database is back", error)
-            return
-        self.stats.events_spooled += len(events)
-        self._replay_wakeup.set()
-
-    async def _replay_loop(self) -> None:
-        while True:
-            await self._replay_wakeup.wait()
-            self._replay_wakeup.clear()
-            while self.spool.pending_bytes and not self._closing:
-                if not self.outage.should_try():
-                    await asyncio.sleep(min(self.outage.retry_seconds, 1.0))
-                    continue
-                try:
-                    await self._replay_one_batch()
-                except Exception:
-                    # A damaged spool or a bug: say so, and try again later rather than die.
-                    log.exception(
-                        "spool: replay failed unexpectedly; retrying in %gs", self.outage.retry_seconds
-                    )
-                    await asyncio.sleep(self.outage.retry_seconds)
-            if self._closing:
-                return
-
-    async def _replay_one_batch(self) -> None:
-        # The lock is held from reading the batch to recording its offset: new events
-        # wait (their requests are answered within the write bound anyway) and then go
-        # behind the spool, or, once it is empty, straight to the database.  Without
-        # this the replay could chase a steady load forever.
-        async with self._spool_lock:
-            batch = await asyncio.to_thread(self.spool.read_batch, MAX_BATCH_EVENTS)
-            try:
-                # The same bound as a live write: new events wait for this lock.  A batch
-                # that commits after the timeout is harmless: replayed again, skipped.
-                async with asyncio.timeout(self.settings.db_timeout):
-                    await self.storage.add_events(batch.events, self.origin)
-            except (StorageError, TimeoutError) as error:
-                self.outage.failed(error, "replay")
-                return
-            await asyncio.to_thread(self.spool.commit, batch.end_offset)
-            self.stats.events_replayed += len(batch.events)
-            self._replayed += len(batch.events)
-            if self.spool.pending_bytes:
-                return
-            if self.outage.active:
-                self.outage.ended()
-            else:
-                log.warning("spool: replayed %d events", self._replayed)
-            self._replayed = 0
+    # -- stopping ------------------------------------------------------------------------
 
     async def close(self, timeout: float) -> None:
-        """Write what is queued (to the database or the spool), bounded by `timeout`."""
+        """Spool what is queued and let the database catch up, bounded by `timeout`; what
+        the database did not get waits in the spool for the next start."""
         self._closing = True
-        self._wakeup.set()
-        self._replay_wakeup.set()
+        self._journal_wakeup.set()
+        self._database_wakeup.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=timeout)
             for task in pending:
                 task.cancel()
-            if self._pending:
-                log.error("shutdown: %d queued events could not be written in time", len(self._pending))
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        if self._pending or self._unspooled:
+            log.error("shutdown: %d queued events could not be recorded in time", self.queued)
+        try:
+            await self._loop.run_in_executor(self._journal_thread, self.spool.close)
+        except OSError as error:
+            log.error("spool: closing %s: %s", self.spool.path, error)
         if self.spool.pending_bytes:
             log.warning(
                 "spool: %d bytes of events wait in %s for the next start",
                 self.spool.pending_bytes,
                 self.spool.path,
             )
+        self._journal_thread.shutdown(wait=False)
+        self._reader_thread.shutdown(wait=False)

@@ -286,8 +286,21 @@ class PolicydProcess:
                 )
         return rows
 
-    def events(self) -> list[RecordedEvent]:
-        """Every row of the events table, oldest first (read-only; fine while it runs)."""
+    def events(self, settle: float = 5.0) -> list[RecordedEvent]:
+        """Every row of the events table, oldest first (read-only; fine while it runs).
+
+        The database is written behind the answers (a few ms): while it runs, wait (up to
+        `settle` seconds) until it holds every event the log says was counted.
+        """
+        deadline = time.monotonic() + settle
+        while True:
+            rows = self._rows()
+            counted = len(self.log_lines(r"Updating db: "))
+            if len(rows) >= counted or self._proc is None or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.02)
+
+    def _rows(self) -> list[RecordedEvent]:
         if not self.database_path.exists():
             return []
         with contextlib.closing(

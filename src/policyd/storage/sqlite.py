@@ -18,6 +18,7 @@ compares correctly as text.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,6 @@ T = TypeVar("T")
 # before failing.  The daemon bounds its own wait separately (db_timeout).
 BUSY_TIMEOUT_SECONDS = 5.0
 
-_TS_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 # ts (text) as milliseconds since the epoch: julianday() parses it in C; the double it
 # returns is exact to well under a millisecond, so rounding gives the stored value.
 _MS_SQL = "CAST(round((julianday(ts) - 2440587.5) * 86400000) AS INTEGER)"
@@ -72,7 +72,14 @@ _COLUMNS = {
 
 
 def format_ts(moment: datetime) -> str:
-    return utc(moment).strftime(_TS_FORMAT)[:-3]
+    """UTC text to the millisecond (the second's text is cached: events come in order)."""
+    moment = utc(moment)
+    return f"{_second_text(moment.replace(microsecond=0))}.{moment.microsecond // 1000:03d}"
+
+
+@functools.lru_cache(maxsize=8)
+def _second_text(second: datetime) -> str:
+    return second.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def parse_ts(text: str) -> datetime:
