@@ -125,7 +125,9 @@ async def test_one_quota_shared_by_several_daemons(shared_database: str, tmp_pat
     assert {answer for _, answer in results} == {"DUNNO", "HOLD quota exceeded"}
     # The slack allowed: the other connections' messages in flight while one decides.
     in_flight = (connections - 1) * MAX_RECIPIENTS
-    print(f"\naccepted {answered_dunno} recipients against a quota of {QUOTA} (bound {QUOTA - 1 + in_flight})")
+    print(
+        f"\naccepted {answered_dunno} recipients against a quota of {QUOTA} (bound {QUOTA - 1 + in_flight})"
+    )
     assert QUOTA - MAX_RECIPIENTS <= answered_dunno <= QUOTA - 1 + in_flight, (answered_dunno, in_flight)
 
     storage = create_storage(shared_database, "events")
