@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measure policyd against the do-nothing reference server, in the same run.
 
-    .venv/bin/python bench/run_bench.py                  # the whole table of docs/performance.md
+    .venv/bin/python bench/run_bench.py --all            # the whole table of docs/performance.md
     .venv/bin/python bench/run_bench.py --quick          # SQLite, empty table, one round
     .venv/bin/python bench/run_bench.py --backend mariadb --history 1000000
 
@@ -211,10 +211,15 @@ class Database:
                     f"FROM generate_series({first}, {last}) AS n; ANALYZE {TABLE}",
                     self.server.database,
                 )
+        if self.backend == "sqlite":
+            self.migrate()  # the per-user index, dropped for the fill
         return time.monotonic() - started
 
     def _fill_sqlite(self, first: int, last: int, now: float, users: int, span_seconds: int) -> None:
         with contextlib.closing(sqlite3.connect(self.url[len("sqlite://") :])) as connection:
+            # The per-user index is built once, after the rows (random inserts into it
+            # are most of the time of filling 10 million rows); migrate makes it again.
+            connection.execute(f"DROP INDEX IF EXISTS {TABLE}_user_ts")
             connection.execute(
                 "WITH RECURSIVE seq(n) AS (SELECT ? UNION ALL SELECT n + 1 FROM seq WHERE n < ?) "
                 f"INSERT INTO {TABLE} (ts, sasl_username, sender, client_address, recipient_count, action, "
@@ -317,11 +322,21 @@ def reference_server() -> Iterator[str]:
 
 
 def measure(
-    db: Database, args: argparse.Namespace, history: int, label: str, workdir: Path
+    db: Database,
+    args: argparse.Namespace,
+    history: int,
+    label: str,
+    workdir: Path,
+    *,
+    history_users: int = HISTORY_USERS,
+    history_seconds: int = HISTORY_SECONDS,
+    load_users: int | None = None,
+    peer: bool = False,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Fill, start policyd, alternate reference and policyd runs, check the rows."""
     db.migrate()
-    fill_s = db.fill(history) if history else 0.0
+    fill_s = db.fill(history, history_users, history_seconds) if history else 0.0
     rows_before = db.rows()
     policyd = Policyd(db, workdir)
     policyd.start()
@@ -332,15 +347,19 @@ def measure(
     try:
         with reference_server() as reference:
             for _ in range(args.rounds):
-                references.append(bench(reference, args, args.connections))
+                references.append(bench(reference, args, args.connections, users=load_users))
                 before, main_before = cpu_seconds(pid), cpu_seconds(pid, pid)
-                run = bench(policyd.target, args, args.connections)
+                run = bench(policyd.target, args, args.connections, users=load_users)
                 cpu += cpu_seconds(pid) - before
                 main_cpu += cpu_seconds(pid, pid) - main_before
                 requests += int(run["requests"]) + int(run["warmup_requests"])
                 runs.append(run)
             if args.c100:
-                extra["c100"] = bench(policyd.target, args, 100)
+                extra["c100"] = bench(policyd.target, args, 100, users=load_users)
+            if profile:
+                extra["profile"] = profile_run(policyd, args, workdir)
+            if peer:
+                extra["peer"] = peer_runs(db, args, policyd, reference, workdir)
         rss = memory_mb(pid, "VmRSS")
         peak = memory_mb(pid, "VmHWM")
     finally:
@@ -368,6 +387,10 @@ def measure(
         "rows_added": rows_added,
         "events_written_equal_counted": counted == rows_added,
     }
+    if "profile" in extra:
+        row["profile"] = extra["profile"]
+    if "peer" in extra:
+        row.update(extra["peer"])
     if "c100" in extra:
         c100 = extra["c100"]
         row.update(
@@ -378,6 +401,106 @@ def measure(
         )
     print_row(row)
     return row
+
+
+def profile_run(policyd: Policyd, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """Where policyd's time goes during one more run: py-spy samples (with the GIL held) by
+    part of the code, in % of the samples."""
+    assert policyd.process is not None
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    raw = workdir / "profile.txt"
+    sampler = subprocess.Popen(
+        [
+            str(spy),
+            "record",
+            "-p",
+            str(policyd.process.pid),
+            "-d",
+            str(int(args.duration)),
+            "-r",
+            "250",
+            "-f",
+            "raw",
+            "-o",
+            str(raw),
+            "--threads",
+            "--gil",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    bench(policyd.target, args, args.connections)
+    sampler.wait(timeout=60)
+    return summarise_profile(raw)
+
+
+# Parts of the code, by the functions a sample is in (the outermost that matches wins).
+PROFILE_PARTS = (
+    ("parsing", ("RequestParser.", "parse_request", "_parse_checking")),
+    ("logging", ("Decider._log_counted", "info", "Logger.", "SyslogHandler")),
+    ("decision and window", ("Decider.", "Window.", "decide", "precheck", "Message.")),
+    ("answers (socket writes)", ("Connection.send_ready", "_Reply.fill")),
+    ("spool", ("Spool.", "encode_event", "decode_event")),
+    (
+        "database writes",
+        (
+            "EventWriter._database_loop",
+            "EventWriter._write",
+            "SQLiteStorage.",
+            "MySQLStorage.",
+            "PostgreSQLStorage.",
+            "_Connection.",
+            "Outage.attempt",
+        ),
+    ),
+    ("other daemons (tail)", ("WindowSync.",)),
+)
+
+
+def summarise_profile(raw: Path) -> dict[str, float]:
+    samples: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        frames = [frame.split(" (")[0] for frame in stack.split(";")]
+        part = "event loop, sockets, threads"
+        for frame in frames:
+            found = next((name for name, keys in PROFILE_PARTS if frame.startswith(keys)), None)
+            if found:
+                part = found
+                break
+        samples[part] = samples.get(part, 0) + int(count)
+    return {
+        part: round(100 * count / max(total, 1), 1)
+        for part, count in sorted(samples.items(), key=lambda kv: -kv[1])
+    }
+
+
+def peer_runs(
+    db: Database, args: argparse.Namespace, policyd: Policyd, reference: str, workdir: Path
+) -> dict[str, Any]:
+    """policyd-rate-limit 1.2.0 (PyPI) on the same MariaDB, at DATA (where it counts), and
+    policyd at DATA too, and the reference, in this run."""
+    import peer_rate_limit
+
+    peer_db = db.server.url_for(db.server.database)
+    port = free_port()
+    with peer_rate_limit.running_rate_limit(workdir / "peer-venv", peer_db, port, workdir / "peer") as peer:
+        peer_result = bench(f"127.0.0.1:{peer.port}", args, args.connections, state="DATA")
+    ours = bench(policyd.target, args, args.connections, state="DATA")
+    reference_data = bench(reference, args, args.connections, state="DATA")
+    return {
+        "peer_rps": round(float(peer_result["throughput_rps"])),
+        "peer_errors": int(peer_result["errors"]),
+        "policyd_data_rps": round(float(ours["throughput_rps"])),
+        "reference_data_rps": round(float(reference_data["throughput_rps"])),
+        "policyd_over_peer": round(float(ours["throughput_rps"]) / float(peer_result["throughput_rps"]), 1),
+    }
 
 
 def print_row(row: dict[str, Any]) -> None:
@@ -408,10 +531,17 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--c100", action="store_true", help="also one run with -c 100")
+    parser.add_argument("--peer", action="store_true", help="policyd-rate-limit 1.2.0 on MariaDB, 1M rows")
+    parser.add_argument("--profile", action="store_true", help="py-spy on policyd, SQLite, 1M rows")
+    parser.add_argument("--rss-users", type=int, default=0, help="also: this many users in the window")
+    parser.add_argument("--all", action="store_true", help="everything above: the table of performance.md")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     if args.quick:
         args.backend, args.history, args.rounds = ["sqlite"], [0], 1
+    if args.all:
+        args.c100 = args.peer = args.profile = True
+        args.rss_users = args.rss_users or 100_000
     backends = args.backend or ["sqlite", "mariadb", "postgresql"]
     histories = args.history or [0, 1_000_000, 10_000_000]
     rows = []
@@ -420,7 +550,32 @@ def main() -> int:
         for history in histories:
             workdir = Path(tempfile.mkdtemp(prefix=f"policyd-bench-{backend}-"))
             with database(backend, workdir, f"h{history}") as db:
-                rows.append(measure(db, args, history, f"{backend} {history}", workdir))
+                rows.append(
+                    measure(
+                        db,
+                        args,
+                        history,
+                        f"{backend} {history}",
+                        workdir,
+                        peer=args.peer and backend == "mariadb" and history == 1_000_000,
+                        profile=args.profile and backend == "sqlite" and history == 1_000_000,
+                    )
+                )
+    if args.rss_users:
+        workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-rss-"))
+        with database("sqlite", workdir, "rss") as db:
+            rows.append(
+                measure(
+                    db,
+                    args,
+                    3 * args.rss_users,
+                    f"sqlite, {args.rss_users} users in the window",
+                    workdir,
+                    history_users=args.rss_users,
+                    history_seconds=20 * 3600,
+                    load_users=args.rss_users,
+                )
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -8,6 +8,7 @@ socket returned and it hands back every request completed so far.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Limits on what a client may send.  A real Postfix 3.x request has about 30 attributes
@@ -59,9 +60,8 @@ def parse_request(block: bytes) -> PolicyRequest:
     if (
         len(lines) <= MAX_ATTRIBUTES
         and len(block) <= MAX_LINE_BYTES
-        and "\0" not in text
         and text.isascii()
-        and not any(space in text for space in _ASCII_SPACES)
+        and _NUL_OR_SPACE.search(text) is None
     ):
         # The common case, a request from Postfix: nothing str.strip() would remove, so
         # one pass in C (a line without "=" splits into one part, which dict() refuses).
@@ -77,8 +77,8 @@ def parse_request(block: bytes) -> PolicyRequest:
     return _parse_checking_each_line(block)
 
 
-# What str.strip() removes in ASCII text ("\n" ends lines).
-_ASCII_SPACES = (" ", "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")
+# A NUL, or what str.strip() removes in ASCII text ("\n" ends lines).
+_NUL_OR_SPACE = re.compile("[\0 \t\r\x0b\x0c\x1c-\x1f]")
 
 
 def _parse_checking_each_line(block: bytes) -> PolicyRequest:

@@ -21,8 +21,9 @@ finding the next one by its marker and checksum, and counted and reported, and t
 records after it are read as usual.  An append that the disk cuts short (ENOSPC after
 some bytes) is taken back (truncated) and fails whole: no partial record is left.
 
-Every method does blocking file I/O; the writer calls them from threads of its own.  A
-lock makes appends (one thread) and reads and commits (another) safe together.
+Every method does blocking file I/O; the writer calls them from threads of its own, but
+for append_quick(), one write to the page cache, which it makes from the event loop.  A
+lock makes appends (one at a time) and reads and commits (another thread) safe together.
 """
 
 from __future__ import annotations
@@ -408,16 +409,32 @@ class Spool:
         end of the spool after them and how many were appended.
 
         Raises SpoolFull (not even the first fits within the size limit) or OSError (a
-        full disk, say: then none is, nothing of them is left in the spool).  One thread
-        appends; the lock covers only the bookkeeping, never a write, so that commit()
-        (from the event loop) never waits for a disk.
+        full disk, say: then none is, nothing of them is left in the spool).
         """
-        records = [encode_event(event) for event in events]
+        return self.append_records([encode_event(event) for event in events])
+
+    def append_records(self, records: list[bytes]) -> tuple[Position, int]:
+        """append() of records already encoded (encode_event)."""
+        appended = self._append(records, quick=False)
+        assert appended is not None
+        return appended
+
+    def append_quick(self, records: list[bytes]) -> tuple[Position, int] | None:
+        """append_records(), if it is one write to the open segment; None (nothing done) if
+        it needs more (a new segment, which fsyncs the last one, or reclaiming room): the
+        writer calls this from the event loop, and the rest from its thread."""
+        return self._append(records, quick=True)
+
+    def _append(self, records: list[bytes], quick: bool) -> tuple[Position, int] | None:
+        # One thread appends at a time (the writer sees to it); the lock covers only the
+        # bookkeeping, never a write, so that commit() never waits for a disk.
         needed = sum(map(len, records))
         with self._lock:
             room = self.max_bytes - self.total_bytes
             reclaim = needed > room and self._done == self.end and self._segments.get(self._active, 0) > 0
             rotate = self._segments.get(self._active, 0) >= self.segment_bytes
+        if quick and (reclaim or rotate):
+            return None
         if reclaim:
             self._reclaim()
             with self._lock:

@@ -5,7 +5,12 @@ Two tasks, each with a thread of its own for the files:
 
 - The journal: events submitted while it was busy are appended to the spool in one
   write (spool.py), then their answers go out.  That is the promise: an answered event
-  is on disk (fsync'd within a second), so a crash of policyd loses none.
+  is on disk (fsync'd within a second), so a crash of policyd loses none.  The write is
+  made from the event loop itself, as Redis writes its append-only file: a write to the
+  page cache takes microseconds, a round trip to a thread about 60 µs of CPU.  What may
+  block (the fsync each second, a new segment) runs in the journal's thread, and appends
+  wait behind it there meanwhile; an append that was slow all the same (a disk in
+  trouble) sends them all there for a minute, so the loop goes on answering.
 - The database: reads the spool in order, from where it has got to, and writes batches
   of up to MAX_BATCH_EVENTS in one transaction each.  Nothing of it is on the answers'
   path: a slow or stopped database only makes the spool grow, up to spool_max_size.
@@ -18,16 +23,18 @@ dropped, and counted (the outage's end line says how many).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from policyd.config import Settings
 from policyd.logs import log
 from policyd.outage import INCIDENT_REMINDER_SECONDS, Outage
-from policyd.spool import Opened, Position, Spool, SpoolFull
+from policyd.spool import Opened, Position, Spool, SpoolFull, encode_event
 from policyd.stats import Stats
 from policyd.storage import Event, Storage, StorageError
+from policyd.worker import WorkerThread
 
 # Events written to the database in one transaction at most.
 MAX_BATCH_EVENTS = 500
@@ -40,6 +47,14 @@ WRITE_GRACE_SECONDS = 1.0
 # database made durable against a power cut (storage.sync_to_disk, for SQLite): a power
 # cut loses at most this much of the latest events.
 SYNC_INTERVAL_SECONDS = 1.0
+
+
+# An append from the event loop slower than this (a disk in trouble) sends appends through
+# the journal's thread for SLOW_APPEND_PAUSE_SECONDS.
+SLOW_APPEND_SECONDS = 0.02
+SLOW_APPEND_PAUSE_SECONDS = 60
+
+T = TypeVar("T")
 
 
 class _Queued:
@@ -85,10 +100,12 @@ class EventWriter:
         self._loop = asyncio.get_running_loop()  # made by the daemon, inside its loop
         # One thread appends to the spool, another reads it for the database: an append
         # never waits behind a read.
-        self._journal_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policyd-spool-append")
-        self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policyd-spool-read")
+        self._journal_thread = WorkerThread("policyd-spool-append")
+        self._reader_thread = WorkerThread("policyd-spool-read")
         self._pending: list[_Queued] = []  # waiting for the journal
         self._unspooled: list[_Queued] = []  # the spool refused them: waiting for the database
+        self._journal_busy = 0  # calls in the journal's thread under way
+        self._quick_appends_from = 0.0  # loop time: appends from the loop again (_append_here)
         self._journal_wakeup = asyncio.Event()
         self._database_wakeup = asyncio.Event()
         self._spooled_to = spool.end  # the spool holds every event before this (loop's view)
@@ -123,7 +140,7 @@ class EventWriter:
         """Open the spool (raises SpoolLocked when another daemon has it); returns the events
         a previous run left there, not in the database yet as far as the spool knows."""
         try:
-            opened = await self._loop.run_in_executor(self._journal_thread, self.spool.open)
+            opened = await self._in_journal_thread(self.spool.open)
         except OSError as error:
             # Not fatal: mail keeps flowing; answers then wait for the database.
             log.error("spool: cannot open %s: %s; answers wait for the database", self.spool.path, error)
@@ -203,11 +220,15 @@ class EventWriter:
 
     async def _journal(self, batch: list[_Queued]) -> None:
         events = [queued.event for queued in batch]
+        records = [encode_event(event) for event in events]
         try:
-            end, taken = await self._loop.run_in_executor(self._journal_thread, self.spool.append, events)
+            appended = self._append_here(records)
+            if appended is None:
+                appended = await self._in_journal_thread(self.spool.append_records, records)
         except (SpoolFull, OSError) as error:
             self._spool_refused(error, batch)
             return
+        end, taken = appended
         self.stats.events_spooled += taken
         if not self._spool_ok:
             self._spool_ok = True
@@ -236,6 +257,34 @@ class EventWriter:
                 SpoolFull(f"{self.spool.path} would exceed its limit of {self.spool.max_bytes} bytes"),
                 batch[taken:],
             )
+
+    def _append_here(self, records: list[bytes]) -> tuple[Position, int] | None:
+        """Append from the event loop, if that is one quick write: nothing else is using
+        the spool's file meanwhile, no append was slow lately, no new segment is due.
+        None: the journal's thread must do it."""
+        if self._journal_busy or self._loop.time() < self._quick_appends_from:
+            return None
+        started = time.monotonic()
+        appended = self.spool.append_quick(records)
+        took = time.monotonic() - started
+        if took > SLOW_APPEND_SECONDS:
+            # The disk is struggling: from a thread for a while, so the loop keeps answering.
+            self._quick_appends_from = self._loop.time() + SLOW_APPEND_PAUSE_SECONDS
+            log.warning(
+                "spool: appending to %s took %d ms; appending from a thread for the next %d s",
+                self.spool.path,
+                took * 1000,
+                SLOW_APPEND_PAUSE_SECONDS,
+            )
+        return appended
+
+    async def _in_journal_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """function(*args) in the journal's thread; meanwhile appends queue behind it."""
+        self._journal_busy += 1
+        try:
+            return await self._journal_thread.call(function, *args)
+        finally:
+            self._journal_busy -= 1
 
     def _spool_refused(self, error: BaseException, batch: list[_Queued]) -> None:
         """The spool cannot take these: their answers wait for the database instead, or,
@@ -308,9 +357,7 @@ class EventWriter:
         if not taken:
             # Behind what is in memory: read it back (up to where memory starts).
             stop = self._fresh[0][0] if self._fresh else self._spooled_to
-            batch = await self._loop.run_in_executor(
-                self._reader_thread, self.spool.read, self._read_from, MAX_BATCH_EVENTS, stop
-            )
+            batch = await self._reader_thread.call(self.spool.read, self._read_from, MAX_BATCH_EVENTS, stop)
             events, end = batch.events, batch.end
         backlog = self.outage.active  # written now, these are the outage's replayed events
         if events and not await self._add(events):
@@ -322,7 +369,7 @@ class EventWriter:
         while self._after_commit and self._after_commit[0][0] <= end:
             _release([self._after_commit.popleft()[1]])
         if self.spool.commit(end):
-            await self._loop.run_in_executor(self._reader_thread, self.spool.delete_finished)
+            await self._reader_thread.call(self.spool.delete_finished)
         self.stats.events_written += len(events)
         if backlog:
             self.stats.events_replayed += len(events)
@@ -376,7 +423,7 @@ class EventWriter:
         while not self._closing:
             await asyncio.sleep(SYNC_INTERVAL_SECONDS)
             try:
-                await self._loop.run_in_executor(self._journal_thread, self.spool.sync)
+                await self._in_journal_thread(self.spool.sync)
             except OSError as error:
                 log.debug("syncing the spool: %s", error)
             if self.stats.events_written == written or self.outage.active:
@@ -407,7 +454,7 @@ class EventWriter:
         if self._pending or self._unspooled:
             log.error("shutdown: %d queued events could not be recorded in time", self.queued)
         try:
-            await self._loop.run_in_executor(self._journal_thread, self.spool.close)
+            await self._in_journal_thread(self.spool.close)
         except OSError as error:
             log.error("spool: closing %s: %s", self.spool.path, error)
         if self.spool.pending_bytes:
@@ -416,5 +463,5 @@ class EventWriter:
                 self.spool.pending_bytes,
                 self.spool.path,
             )
-        self._journal_thread.shutdown(wait=False)
-        self._reader_thread.shutdown(wait=False)
+        self._journal_thread.stop()
+        self._reader_thread.stop()

@@ -17,11 +17,9 @@ compares correctly as text.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -44,6 +42,7 @@ from policyd.storage.base import (
     split_numbers,
     utc,
 )
+from policyd.worker import WorkerThread
 
 T = TypeVar("T")
 
@@ -91,7 +90,7 @@ class _Connection:
     there and returns its result; sqlite3 and OS errors come back as StorageError."""
 
     def __init__(self, name: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"policyd-sqlite-{name}")
+        self._thread = WorkerThread(f"policyd-sqlite-{name}")
         self._connection: sqlite3.Connection | None = None
 
     async def open(self, path: str, what: str) -> None:
@@ -115,7 +114,7 @@ class _Connection:
             except (sqlite3.Error, OSError, ValueError) as error:
                 raise StorageError(f"sqlite: {what}: {error}") from error
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
+        return await self._thread.call(guarded)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -124,7 +123,7 @@ class _Connection:
                 await self._call(connection.close, "closing")
             except StorageError:
                 pass
-        self._executor.shutdown(wait=False)
+        self._thread.stop()
 
 
 def _in_transaction(
