@@ -66,7 +66,7 @@ def parse_request(block: bytes) -> PolicyRequest:
         # The common case, a request from Postfix: nothing str.strip() would remove, so
         # one pass in C (a line without "=" splits into one part, which dict() refuses).
         try:
-            attributes = dict(line.split("=", 1) for line in lines)
+            attributes = dict([line.split("=", 1) for line in lines])
         except ValueError:
             pass
         else:
