@@ -186,6 +186,14 @@ def _as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def _is_closed(connection: Any) -> bool:
+    try:
+        return bool(connection.is_closed())
+    except asyncpg.InterfaceError:
+        # The pool detached it already ("released back to the pool"): it is gone.
+        return True
+
+
 def _rows_affected(status: str) -> int:
     # asyncpg returns the command tag, e.g. "DELETE 25".
     last = status.rsplit(" ", 1)[-1]
@@ -368,7 +376,7 @@ class PostgreSQLStorage(Storage):
             except _DRIVER_ERRORS as error:
                 lost = isinstance(error, _CONNECTION_LOST) or (
                     isinstance(error, (asyncpg.InterfaceError, asyncpg.InternalClientError))
-                    and connection.is_closed()
+                    and _is_closed(connection)
                 )
                 if attempt == 2 or not (lost or isinstance(error, _STALE_STATEMENT)):
                     if isinstance(error, TimeoutError):
