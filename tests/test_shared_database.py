@@ -191,3 +191,41 @@ def _total(daemon: Any, user: str) -> int:
     decider = daemon.decider
     [total] = decider.totals(user, to_ms(decider.clock()), decider.settings.rules)
     return int(total)
+
+
+async def test_other_daemons_are_told_by_what_they_write_now(
+    database: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The strict path (a read before each near-threshold decision) is for when another
+    daemon writes: not for this daemon's own previous run, whose recent rows the
+    database holds after a restart."""
+    import policyd.sync
+
+    monkeypatch.setattr(policyd.sync, "OTHERS_UNKNOWN_SECONDS", 0.3)
+    url, table = database
+    settings = make_settings(url, table, quota=100, reject_quota=200, spool=f"{tmp_path}/spool")
+    async with run_daemon(settings) as first_run:
+        client = await first_run.client()
+        assert await client.ask(sasl_username="near", recipient_count=60) == "DUNNO"
+        await client.close()
+    async with run_daemon(settings) as daemon:
+        sync, stats = daemon.daemon.sync, daemon.daemon.stats
+        assert sync.others_active() == 1, "just after the load: assume another daemon"
+        await asyncio.sleep(0.6)
+        assert sync.others_active() == 0, "its own previous run's rows are no other daemon"
+        client = await daemon.client()
+        assert await client.ask(sasl_username="near", recipient_count=1) == "DUNNO"
+        assert stats.strict_reads == 0
+        other_settings = make_settings(url, table, quota=100, reject_quota=200, spool=f"{tmp_path}/spool2")
+        async with run_daemon(other_settings) as other:
+            other_client = await other.client()
+            assert await other_client.ask(sasl_username="elsewhere", recipient_count=1) == "DUNNO"
+            deadline = time.monotonic() + 5
+            while sync.others_active() != 1:
+                assert time.monotonic() < deadline, "the other daemon's row was not seen"
+                await asyncio.sleep(0.05)
+            assert await client.ask(sasl_username="near", recipient_count=1) == "DUNNO"
+            assert stats.strict_reads == 1
+            assert _total(daemon.daemon, "near") == 62
+            await other_client.close()
+        await client.close()

@@ -97,7 +97,6 @@ class Daemon:
         )
         decider.catch_up = sync.catch_up
         decider.others_active = sync.others_active
-        decider.strict_always = storage.shared
         server = self.server = PolicyServer(settings, decider, stats)
         decider.adopt(await writer.open_spool())
         first_attempt, opened = asyncio.Event(), asyncio.Event()

@@ -88,7 +88,6 @@ class Decider:
         # Set by the daemon when other daemons may write to the database: reads their new
         # rows now (bounded), and tells whether any are active.
         self.catch_up: Callable[[float], Awaitable[bool]] | None = None
-        self.strict_always = False  # a server database: assume it is shared
         self.others_active: Callable[[], int] = lambda: 0
         self._strict_tasks: set[asyncio.Future[None]] = set()
         # Positions of the limits in window.spans (QuotaRules.limits order).
@@ -153,7 +152,7 @@ class Decider:
             return
         if (
             self.catch_up is not None
-            and (self.strict_always or self.others_active())
+            and self.others_active()
             and (self.complete or message.sasl_username in self.window)
             and self._near_a_threshold(rules, message, to_ms(now))
         ):

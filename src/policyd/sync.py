@@ -46,8 +46,12 @@ TAIL_BATCH_SECONDS = 1.0
 TAIL_QUERY_TIMEOUT_SECONDS = 5.0
 # The bulk load is one query; bounded only so that a hung server cannot hold the start forever.
 LOAD_TIMEOUT_SECONDS = 300.0
-# Another daemon counts as active while rows of its this recent are being read.
+# Another daemon counts as active while rows of its this recent are being read by the
+# tail (rows read at start are not a sign: they may be this daemon's previous run's).
 OTHERS_ACTIVE_SECONDS = 600.0
+# Right after the load, another daemon may be writing and not read yet: assume one is,
+# for a few tail intervals.
+OTHERS_UNKNOWN_SECONDS = 2.0
 # How often users with nothing left in any window are dropped (and how many per pass).
 EXPIRE_INTERVAL_SECONDS = 10.0
 EXPIRE_BATCH_USERS = 50_000
@@ -82,6 +86,7 @@ class WindowSync:
         self._reading: tuple[asyncio.Future[bool], float] | None = None  # a read in progress
         # Other daemons by origin: when a recent row of theirs was last read (monotonic).
         self._origins: dict[str, float] = {}
+        self._assume_others_until = 0.0  # monotonic; see OTHERS_UNKNOWN_SECONDS
         self.last_poll = 0.0  # monotonic time of the last successful poll
 
     # -- the load ------------------------------------------------------------------
@@ -121,6 +126,7 @@ class WindowSync:
         async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
             await self._read_new(bounded=False)
         self.decider.complete = True
+        self._assume_others_until = time.monotonic() + OTHERS_UNKNOWN_SECONDS
         self.loaded.set()
         log.info(
             "window loaded in %.1fs: %d users, %d events of the last %s%s",
@@ -190,14 +196,15 @@ class WindowSync:
             return False
 
     def others_active(self) -> int:
-        """How many other daemons write to this database (recent rows of theirs read in
-        the last OTHERS_ACTIVE_SECONDS)."""
+        """How many other daemons write to this database (recent rows of theirs read by
+        the tail in the last OTHERS_ACTIVE_SECONDS; at least one just after the load)."""
+        assumed = 1 if time.monotonic() < self._assume_others_until else 0
         if not self._origins:
-            return 0
+            return assumed
         horizon = time.monotonic() - OTHERS_ACTIVE_SECONDS
         for origin in [origin for origin, seen in self._origins.items() if seen < horizon]:
             del self._origins[origin]
-        return len(self._origins)
+        return max(len(self._origins), assumed)
 
     async def _read_new(self, bounded: bool) -> bool:
         """The rows above `low` not counted yet, into the window.
@@ -226,7 +233,7 @@ class WindowSync:
                 seen[row.row_id] = None
                 self.window.add(row.sasl_username, row.at, row.recipient_count, OUTCOMES[row.code], now_ms)
                 counted += 1
-                if row.at >= recent:
+                if bounded and row.at >= recent:
                     self._origins[row.origin] = time.monotonic()
             if len(tail.rows) < TAIL_BATCH_ROWS:
                 self.cursor = max(self.cursor, tail.max_id)  # everything visible is read

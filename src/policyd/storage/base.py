@@ -149,9 +149,6 @@ def utc(moment: datetime) -> datetime:
 class Storage(abc.ABC):
     """A place to keep events.  All methods may raise StorageError."""
 
-    # A database server that several daemons (relays) may share, as opposed to a file.
-    shared = False
-
     def __init__(self, table: str) -> None:
         self.table = check_table_name(table)
 

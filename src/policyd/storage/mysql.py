@@ -459,8 +459,6 @@ def _parse_url(url: str) -> dict[str, Any]:
 
 
 class MySQLStorage(Storage):
-    shared = True
-
     def __init__(
         self,
         *,

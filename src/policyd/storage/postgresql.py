@@ -234,8 +234,6 @@ class _Plan:
 
 
 class PostgreSQLStorage(Storage):
-    shared = True
-
     def __init__(
         self,
         *,
