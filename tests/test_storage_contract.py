@@ -242,6 +242,23 @@ async def test_load_window_leaves_out_one_origin_and_later_rows(storage: Storage
     assert await storage.load_window(since, 0, exclude_origin="relay-b") == []
 
 
+async def test_load_window_of_every_origin(storage: Storage) -> None:
+    # None: the start's query (nothing of this run written yet), the fast one.
+    long_name = "l" * 300 + "@example.org"  # past the verbatim part of an index key
+    await storage.add_events([event("alice", 1), event(long_name, 16)], origin="relay-a")
+    await storage.add_events([event("alice", 2, outcome=Outcome.HOLD)], origin="relay-b")
+    await storage.add_events([event("alice", 4), event("l" * 300 + "@example.net", 32)], origin=None)
+    fence = await storage.max_event_id()
+    await storage.add_events([event("alice", 8)], origin="relay-a")
+    histories = await storage.load_window(NOW - timedelta(hours=1), fence, exclude_origin=None)
+    by_user = {history.sasl_username: history for history in histories}
+    assert sorted(by_user["alice"].counts) == [1, 2, 4]
+    assert sorted(by_user["alice"].codes) == [0, 0, 1]
+    assert by_user[long_name].counts == [16]
+    assert by_user["l" * 300 + "@example.net"].counts == [32]
+    assert len(histories) == 3
+
+
 async def test_timestamps_load_to_the_millisecond(storage: Storage) -> None:
     moment = datetime(2026, 11, 24, 11, 59, 59, 999_999, tzinfo=UTC)  # truncated, never rounded up
     await storage.add_events([Event(moment, "alice", "s", "192.0.2.1", 1, Outcome.DUNNO)])
@@ -288,7 +305,7 @@ async def test_load_window_before_a_time_takes_every_origin(storage: Storage) ->
     await storage.add_events([event("alice", 4, timedelta(hours=20))], origin="me")
     top = await storage.max_event_id()
     [history] = await storage.load_window(
-        NOW - timedelta(hours=48), top, "", before=NOW - timedelta(hours=24)
+        NOW - timedelta(hours=48), top, None, before=NOW - timedelta(hours=24)
     )
     assert sorted(history.counts) == [1, 2]
 

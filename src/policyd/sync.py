@@ -91,14 +91,18 @@ class WindowSync:
 
     # -- the load ------------------------------------------------------------------
 
-    async def load(self) -> None:
-        """Fill the window from the database (raises StorageError or TimeoutError)."""
+    async def load(self, own_rows: bool = False) -> None:
+        """Fill the window from the database (raises StorageError or TimeoutError).
+
+        `own_rows`: this run may have written rows already (the writer runs: the first
+        load failed), which are in the window: leave them out, by a slower query.
+        """
         started = time.monotonic()
         now = self.clock()
         async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
             fence = max(0, await self.storage.max_event_id() - TAIL_OVERLAP_IDS)
             since = now - timedelta(milliseconds=self.window.longest)
-            histories = await self.storage.load_window(since, fence, self.origin)
+            histories = await self.storage.load_window(since, fence, self.origin if own_rows else None)
             adopted = self.decider.adopted
             known = (
                 await self.storage.existing_event_ids([event.event_id for event in adopted], self.origin)
@@ -143,7 +147,7 @@ class WindowSync:
         now = self.clock()
         since = now - timedelta(milliseconds=self.window.longest)
         histories = await self.storage.load_window(
-            since, await self.storage.max_event_id(), exclude_origin="", before=from_ms(before_ms)
+            since, await self.storage.max_event_id(), exclude_origin=None, before=from_ms(before_ms)
         )
         now_ms = to_ms(now)
         for history in histories:
@@ -266,7 +270,7 @@ class WindowSync:
         while not self.loaded.is_set():
             if self.outage.should_try():
                 try:
-                    await self.load()
+                    await self.load(own_rows=True)
                     self.outage.succeeded("read")
                     break
                 except (StorageError, TimeoutError) as error:

@@ -200,11 +200,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def load_window(
-        self, since: datetime, up_to_id: int, exclude_origin: str, before: datetime | None = None
+        self, since: datetime, up_to_id: int, exclude_origin: str | None, before: datetime | None = None
     ) -> list[UserHistory]:
         """Every user's events at or after `since` (and before `before`, if given) with a
-        row id at most `up_to_id`, except those written by `exclude_origin`, grouped by
-        user (a user's events in any order: Window.load sorts them)."""
+        row id at most `up_to_id`, except those written by `exclude_origin` (None: every
+        origin; the faster query on a big table), grouped by user (a user's events in
+        any order: Window.load sorts them)."""
 
     @abc.abstractmethod
     async def tail(self, after_id: int, exclude_origin: str, limit: int) -> Tail:

@@ -113,7 +113,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -166,6 +166,8 @@ SESSION_SQL = "SET time_zone = '+00:00', sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE
 # verbatim name is that long, so the two kinds never collide).
 USER_KEY_VERBATIM = 200
 USER_KEY_PREFIX = 180
+# Rows per fetch of the window load (one row per user).
+LOAD_FETCH_ROWS = 1000
 USER_KEY_LENGTH = 250
 # Stored as the column comment: a different definition one day means a different comment,
 # which migrate() notices.
@@ -1005,7 +1007,7 @@ class MySQLStorage(Storage):
         return await self._run("reading the last event id", run, retry_safe=True)
 
     async def load_window(
-        self, since: datetime, up_to_id: int, exclude_origin: str, before: datetime | None = None
+        self, since: datetime, up_to_id: int, exclude_origin: str | None, before: datetime | None = None
     ) -> list[UserHistory]:
         bound = format_ts(since)
         until = before is not None
@@ -1014,6 +1016,7 @@ class MySQLStorage(Storage):
             layout = await self._layout_of(conn)
             table = _q(self.table)
             ms = self._ms_sql(layout)
+            covered = False
             if layout.go_policyd:
                 # Old rows have no action (all were let through), id or origin.
                 sql = (
@@ -1028,29 +1031,67 @@ class MySQLStorage(Storage):
                 group = "user_key" if layout.has_user_key else "sasl_username"
                 filters = ["ts >= %s", "id <= %s"]
                 params = (bound, up_to_id)
-                if "origin" in layout.columns:
+                filter_origin = exclude_origin is not None and "origin" in layout.columns
+                if filter_origin:
                     filters.append("NOT (origin <=> %s)")
                     params = (*params, exclude_origin)
                 if before is not None:
                     filters.append("ts < %s")
                     params = (*params, format_ts(before))
+                # Without the origin, user_ts covers the query (user_key, ts, action,
+                # recipient_count and the id): one pass over that index, in user order,
+                # no row read, no temporary table (17 s -> 3 s for 10 million rows).
+                # Left to itself the optimizer walks the primary key for `id <= %s`.
+                covered = layout.has_user_key and not filter_origin
+                name = "user_key" if covered else "MIN(sasl_username)"
+                hint = " FORCE INDEX (user_ts)" if covered else ""
                 sql = (
                     # No ORDER BY in the GROUP_CONCATs: each would sort on its own, and
                     # two events of one millisecond could then pair up wrongly; in one
                     # pass the three lists keep the rows' order (Window.load sorts).
-                    f"SELECT MIN(sasl_username), GROUP_CONCAT({ms}), GROUP_CONCAT(recipient_count), "
+                    f"SELECT {name}, GROUP_CONCAT({ms}), GROUP_CONCAT(recipient_count), "
                     f"GROUP_CONCAT({OUTCOME_CODE_SQL}) "
-                    f"FROM {table} WHERE {' AND '.join(filters)} GROUP BY {group}"
+                    f"FROM {table}{hint} WHERE {' AND '.join(filters)} GROUP BY {group}"
                 )
+            histories: list[UserHistory] = []
             async with conn.cursor() as cursor:
                 # A busy user's list is longer than the default 1 KiB cap.
                 await cursor.execute("SET SESSION group_concat_max_len = 1073741824")
+            # Unbuffered: the groups are parsed here while the server is still scanning.
+            async with conn.cursor(aiomysql.SSCursor) as cursor:
                 await cursor.execute(sql, params)
-                rows = await cursor.fetchall()
-            return [
-                UserHistory(_text(user), split_numbers(times), split_numbers(counts), split_numbers(codes))
-                for user, times, counts, codes in rows
-            ]
+                while rows := await cursor.fetchmany(LOAD_FETCH_ROWS):
+                    histories.extend(
+                        UserHistory(
+                            _text(user), split_numbers(times), split_numbers(counts), split_numbers(codes)
+                        )
+                        for user, times, counts, codes in rows
+                    )
+            if covered:
+                # A user_key longer than a verbatim name is a digest: the names behind it.
+                digests = [
+                    history.sasl_username
+                    for history in histories
+                    if len(history.sasl_username) > USER_KEY_VERBATIM
+                ]
+                names: dict[str, str] = {}
+                async with conn.cursor() as cursor:
+                    for first in range(0, len(digests), LOAD_FETCH_ROWS):
+                        chunk = digests[first : first + LOAD_FETCH_ROWS]
+                        await cursor.execute(
+                            f"SELECT user_key, MIN(sasl_username) FROM {table} "
+                            f"WHERE user_key IN ({', '.join(['%s'] * len(chunk))}) GROUP BY user_key",
+                            chunk,
+                        )
+                        names.update((_text(key), _text(user)) for key, user in await cursor.fetchall())
+                if names:
+                    histories = [
+                        replace(
+                            history, sasl_username=names.get(history.sasl_username, history.sasl_username)
+                        )
+                        for history in histories
+                    ]
+            return histories
 
         # The session setting stays with the pooled connection: harmless (no other query
         # uses GROUP_CONCAT).  A long load gets a long bound: it runs once, at start.

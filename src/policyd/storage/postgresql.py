@@ -661,7 +661,7 @@ class PostgreSQLStorage(Storage):
         return await self._run("reading the last event id", top)
 
     async def load_window(
-        self, since: datetime, up_to_id: int, exclude_origin: str, before: datetime | None = None
+        self, since: datetime, up_to_id: int, exclude_origin: str | None, before: datetime | None = None
     ) -> list[UserHistory]:
         since = _ms(since)
         until = _ms(before) if before is not None else None
@@ -671,7 +671,8 @@ class PostgreSQLStorage(Storage):
             # one millisecond could then pair up wrongly (Window.load sorts).
             f"SELECT sasl_username, array_agg({ms}), array_agg(COALESCE(recipient_count, 0)), "
             f"array_agg({OUTCOME_CODE_SQL}) "
-            f"FROM {self._t} WHERE ts >= $1::timestamptz AND id <= $2 AND origin IS DISTINCT FROM $3 "
+            f"FROM {self._t} WHERE ts >= $1::timestamptz AND id <= $2 "
+            "AND ($3::text IS NULL OR origin IS DISTINCT FROM $3) "
             "AND ($4::timestamptz IS NULL OR ts < $4::timestamptz) GROUP BY sasl_username"
         )
         legacy_sql = (

@@ -303,10 +303,10 @@ class SQLiteStorage(Storage):
         return int(row[0]) if row and row[0] is not None else 0
 
     async def load_window(
-        self, since: datetime, up_to_id: int, exclude_origin: str, before: datetime | None = None
+        self, since: datetime, up_to_id: int, exclude_origin: str | None, before: datetime | None = None
     ) -> list[UserHistory]:
         until = "" if before is None else " AND ts < ?"
-        params: tuple[object, ...] = (format_ts(since), up_to_id, exclude_origin)
+        params: tuple[object, ...] = (format_ts(since), up_to_id, exclude_origin, exclude_origin)
         if before is not None:
             params = (*params, format_ts(before))
         # The ts index's range (the table's newest rows, contiguous: it grows in time
@@ -315,7 +315,7 @@ class SQLiteStorage(Storage):
         sql = (
             f"SELECT sasl_username, group_concat({_MS_SQL}), group_concat(recipient_count), "
             f"group_concat({OUTCOME_CODE_SQL}) FROM {self.table} INDEXED BY {self.table}_ts "
-            f"WHERE ts >= ? AND rowid <= ? AND origin IS NOT ?{until} GROUP BY sasl_username"
+            f"WHERE ts >= ? AND rowid <= ? AND (? IS NULL OR origin IS NOT ?){until} GROUP BY sasl_username"
         )
 
         def load(connection: sqlite3.Connection) -> list[UserHistory]:
