@@ -21,6 +21,7 @@ from policyd.quota import Outcome
 from policyd.storage import create_storage
 from policyd.storage.base import Event
 from policyd.storage.sqlite import SQLiteStorage
+from tests.conftest import free_port
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PASSWORD = "WhateverYouWantAsPassword"
@@ -433,3 +434,32 @@ def test_purge_rejects_a_bad_age(config: Path, db_path: Path, aged: None) -> Non
     assert result.exit_code == 2
     assert "'old' is not a duration" in result.stderr
     assert count_events(db_path) == 4
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://u:Top#Secret/Pw@127.0.0.1:3306/policyd",
+        "mysql://u:TopSecretPw@127.0.0.1:99999/policyd",
+        "mysql://u:Top?Secret@Pw@127.0.0.1:x/policyd",
+        "postgresql://u:Top#Secret/Pw@127.0.0.1:5432/policyd",
+        "postgresql://u:TopSecretPw@127.0.0.1:x/policyd",
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "check-config", "top", "migrate", "purge"])
+def test_a_bad_database_url_is_refused_without_its_password(tmp_path: Path, url: str, command: str) -> None:
+    path = tmp_path / "policyd.cfg"
+    path.write_text(f"database = {url}\nspool = {tmp_path}/spool\nport = {free_port()}\n")
+    path.chmod(0o600)
+    result = subprocess.run(
+        [sys.executable, "-m", "policyd", command, "-c", str(path), *(["-f"] if command == "serve" else [])],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    for piece in ("Top", "Secret", "Pw"):
+        assert piece not in output.replace("policyd", ""), output
+    assert result.stderr.startswith("policyd: "), output

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from policyd import logs
 from policyd.logs import LOGGER_NAME, log, setup_logging
 
 
@@ -89,3 +90,17 @@ def test_a_full_syslog_never_blocks_and_the_dropped_lines_are_counted(tmp_path: 
     assert match, notice
     assert len(received) + int(match.group(1)) == sent  # every line is shown or counted
     assert after.endswith(": after\x00")
+
+
+def test_control_characters_reach_syslog_escaped(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(path)
+        receiver.settimeout(5)
+        setup_logging(foreground=False, level="info", syslog_socket=path)
+        logs.info("Updating db: evil\x1b[2J\x00\x9b/s/192.0.2.1/1/1")
+        log.warning("user %s", "evil\x07")
+        first = receiver.recv(4096).decode()
+        second = receiver.recv(4096).decode()
+    assert first == f"<30>policyd[{os.getpid()}]: Updating db: evil\\x1b[2J\\x00\\x9b/s/192.0.2.1/1/1\x00"
+    assert second == f"<28>policyd[{os.getpid()}]: user evil\\x07\x00"

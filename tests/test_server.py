@@ -416,7 +416,29 @@ def test_serve_reports_a_busy_port(tmp_path: Path) -> None:
             env={**os.environ},
         )
     assert result.returncode == 1
-    assert "cannot listen" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (is another policyd" in result.stderr
+    assert result.stderr.index("cannot listen") < result.stderr.index("INFO: stopped")
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_names_a_socket_in_a_missing_directory(tmp_path: Path) -> None:
+    config = tmp_path / "policyd.cfg"
+    write_config(config, free_port(), f"sqlite://{tmp_path}/db.sqlite", quota=10)
+    with config.open("a") as file:
+        file.write(f"socket = {tmp_path}/missing/policyd.sock\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert (
+        f"ERROR: cannot listen on {tmp_path}/missing/policyd.sock: No such file or directory "
+        f"(does {tmp_path}/missing exist?)" in result.stderr
+    )
+    assert result.stderr.index("cannot listen") < result.stderr.index("INFO: stopped")
+    assert "Traceback" not in result.stderr
 
 
 def test_serve_tells_systemd_ready_status_and_stopping(tmp_path: Path) -> None:
@@ -446,3 +468,36 @@ def test_serve_tells_systemd_ready_status_and_stopping(tmp_path: Path) -> None:
                 process.kill()
                 process.wait()
     assert any(message.startswith("STATUS=") and "database ok" in message for message in messages)
+
+
+def test_control_characters_in_names_are_escaped_in_the_log_and_top(tmp_path: Path) -> None:
+    hostile = "mallory\x1b]0;pwned\x07\x1b[31m\rx"
+    port = free_port()
+    config = tmp_path / "policyd.cfg"
+    write_config(config, port, f"sqlite://{tmp_path}/db.sqlite", quota=100)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, process)
+        assert ask_blocking(port, sasl_username=hostile, sender=f"{hostile}@example.org") == "DUNNO"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = process.stderr.read().decode() if process.stderr else ""
+    escaped = "mallory\\x1b]0;pwned\\x07\\x1b[31mx"  # (a CR is taken out with the line end)
+    assert f"Updating db: {escaped}/{escaped}@example.org/192.0.2.10/1/1" in log
+    top = subprocess.run(
+        [sys.executable, "-m", "policyd", "top", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert top.returncode == 0, top.stderr
+    assert escaped in top.stdout
+    for output in (log, top.stdout):
+        assert "\x1b" not in output and "\x07" not in output and "\r" not in output

@@ -12,7 +12,7 @@ import click
 
 from policyd import __version__
 from policyd.config import DEFAULT_CONFIG_PATH, KEYS, ConfigError, Settings, load_settings, parse_duration
-from policyd.logs import setup_logging
+from policyd.logs import printable, setup_logging
 from policyd.storage import Storage, StorageError, create_storage
 
 T = TypeVar("T")
@@ -58,6 +58,11 @@ def load_or_exit(config_path: str) -> Settings:
         sys.exit(2)
     for warning in settings.warnings:
         click.echo(f"policyd: warning: {warning}", err=True)
+    try:
+        create_storage(settings.database, settings.table)  # the URL, checked (nothing opened)
+    except ValueError as error:
+        click.echo(f"policyd: {error}", err=True)
+        sys.exit(2)
     return settings
 
 
@@ -111,11 +116,6 @@ def check_config(config_path: str) -> None:
     width = max(len(key) for key, _ in settings.describe())
     for key, value in settings.describe():
         click.echo(f"{key:<{width}}  {value}")
-    try:
-        create_storage(settings.database, settings.table)
-    except ValueError as error:
-        click.echo(f"policyd: {error}", err=True)
-        sys.exit(2)
     click.echo("configuration OK")
 
 
@@ -136,13 +136,14 @@ def top(config_path: str, limit: int, window: str) -> None:
     if not stats:
         click.echo(f"no messages recorded in the last {window}")
         return
-    width = max(8, *(len(entry.sasl_username) for entry in stats))
+    names = [printable(entry.sasl_username) for entry in stats]  # a name may hold escapes
+    width = max(8, *(len(name) for name in names))
     click.echo(
         f"{'user':<{width}}  {'recipients':>10}  {'messages':>8}  {'held':>6}  {'rejected':>8}  last seen (UTC)"
     )
-    for entry in stats:
+    for name, entry in zip(names, stats, strict=True):
         click.echo(
-            f"{entry.sasl_username:<{width}}  {entry.recipients:>10}  {entry.messages:>8}  "
+            f"{name:<{width}}  {entry.recipients:>10}  {entry.messages:>8}  "
             f"{entry.held:>6}  {entry.rejected:>8}  {entry.last_seen:%Y-%m-%d %H:%M:%S}"
         )
 

@@ -28,7 +28,7 @@ from policyd.decider import Decider, to_ms, utc_now, window_spans
 from policyd.logs import log, set_level
 from policyd.maintenance import purge_every_day
 from policyd.outage import Outage
-from policyd.server import PolicyServer
+from policyd.server import ListenError, PolicyServer
 from policyd.spool import Spool
 from policyd.stats import Stats
 from policyd.storage import Storage, StorageError, create_storage
@@ -145,7 +145,6 @@ class Daemon:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await writer.close(timeout=max(FLUSH_SECONDS, settings.db_timeout))
             await storage.close()
-            log.info("stopped")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(work, name=name))
@@ -274,9 +273,14 @@ def run_daemon(settings: Settings, config_path: str | None) -> int:
     except StorageError as error:
         log.error("cannot start: %s", error)
         return 1
-    except OSError as error:
-        log.error("cannot listen: %s", error)
+    except ListenError as error:
+        log.error("%s", error)
         return 1
+    except ValueError as error:  # a bad database URL (the command line checks it first)
+        log.error("cannot start: %s", error)
+        return 2
+    finally:
+        log.info("stopped")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -25,6 +26,26 @@ _SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 _STARTED_NS = time.time_ns()
 
 log = logging.getLogger(LOGGER_NAME)
+
+# Control characters (but newline and tab), which a user name or sender may hold: shown
+# raw they would move the cursor, retitle or recolour the admin's terminal.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters as \\xNN: for the log, `policyd top`, any terminal."""
+    return _CONTROL.sub(_escaped, text)
+
+
+class PrintableFormatter(logging.Formatter):
+    """A formatter whose lines carry no control character (see printable)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 class LeanRecord(logging.LogRecord):
@@ -104,7 +125,7 @@ class SyslogHandler(logging.Handler):
     def _send(self, level: int, message: str) -> bool:
         """Send one line; False if the syslog daemon has no room for it now."""
         priority = _FACILITY_DAEMON * 8 + _SEVERITY.get(level, 6)
-        data = f"<{priority}>{self._ident}{message}\x00".encode("utf-8", "backslashreplace")
+        data = f"<{priority}>{self._ident}{printable(message)}\x00".encode("utf-8", "backslashreplace")
         try:
             self._socket.send(data)
         except BlockingIOError:
@@ -151,7 +172,7 @@ def setup_logging(foreground: bool, level: str = "info", syslog_socket: str = SY
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            logging.Formatter(
+            PrintableFormatter(
                 f"%(asctime)s policyd[{os.getpid()}] %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"
             )
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -269,15 +270,26 @@ class PolicyServer:
         loop = asyncio.get_running_loop()
         self._reaper = asyncio.create_task(self._reap(), name="policyd-reaper")
         settings = self.settings
-        self.listeners.append(
-            await loop.create_server(
-                lambda: Connection(self), settings.bind, settings.port, reuse_address=True, backlog=1024
-            )
+        where = (
+            f"[{settings.bind}]:{settings.port}"
+            if ":" in settings.bind
+            else f"{settings.bind}:{settings.port}"
         )
-        if settings.socket:
-            _remove_stale_socket(settings.socket)
-            self.listeners.append(await loop.create_unix_server(lambda: Connection(self), settings.socket))
-            os.chmod(settings.socket, settings.socket_mode)
+        try:
+            self.listeners.append(
+                await loop.create_server(
+                    lambda: Connection(self), settings.bind, settings.port, reuse_address=True, backlog=1024
+                )
+            )
+            if settings.socket:
+                where = settings.socket
+                _remove_stale_socket(settings.socket)
+                self.listeners.append(
+                    await loop.create_unix_server(lambda: Connection(self), settings.socket)
+                )
+                os.chmod(settings.socket, settings.socket_mode)
+        except OSError as error:
+            raise ListenError(f"cannot listen on {where}: {_reason(error, where)}") from None
 
     def allowed(self, peer_ip: str) -> bool:
         try:
@@ -329,6 +341,24 @@ class PolicyServer:
         await asyncio.sleep(0)  # let connection_lost run
         if self.settings.socket:
             _remove_stale_socket(self.settings.socket)
+
+
+class ListenError(Exception):
+    """The policy listener could not be opened; the message says where and why."""
+
+
+def _reason(error: OSError, where: str) -> str:
+    # Not error.strerror: asyncio puts the address in it, which the message has already.
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if error.errno == errno.ENOENT and where.startswith("/"):
+        return f"{reason} (does {os.path.dirname(where) or '/'} exist?)"
+    if error.errno == errno.EADDRINUSE:
+        return f"{reason} (is another policyd or go-policyd running? see: ss -ltnp)"
+    if error.errno == errno.EACCES and not where.startswith("/"):
+        return f"{reason} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{reason} (no interface of this host has that address: check bind)"
+    return reason
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -248,8 +248,9 @@ class EventWriter:
         for queued in spooled:
             if queued.committed:
                 self._after_commit.append((end, queued))
-                # Bounded like every answer, whatever the database does meanwhile.
-                self._loop.call_at(queued.arrived + self._bound, _release, [queued])
+                # In the spool already: a database slower than db_timeout is not waited
+                # for (the others' strict reads may then miss it, as in an outage).
+                self._loop.call_at(queued.arrived + self.settings.db_timeout, _release, [queued])
         if not self._database_wakeup.is_set():
             self._database_wakeup.set()
         if taken < len(batch):

@@ -23,6 +23,10 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
+# scheme://user:PASSWORD@host...: everything between "user:" and the last '@'.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:)(.*)(@[^@]*)$", re.DOTALL)
+
+
 def scheme_of(url: str) -> str:
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     return scheme.split("+", 1)[0]
@@ -43,14 +47,42 @@ def create_storage(url: str, table: str = "events") -> Storage:
             f"the {scheme} backend needs a driver that is not installed ({error}){hint}"
         ) from None
     backend: type[Storage] = getattr(module, class_name)
-    return backend.from_url(url, table)
+    try:
+        return backend.from_url(url, table)
+    except ValueError as error:
+        # A parser may quote a piece of the URL: never the password, not even a piece
+        # of it (an unescaped '#', '/' or '?' cuts it where a parser does not expect).
+        message = _without_password(str(error), url)
+        if _UNESCAPED.search(_password_of(url)):
+            message += "; in the password, write # as %23, / as %2F, ? as %3F, @ as %40, % as %25"
+        raise ValueError(message) from None
+
+
+# What a URL parser takes for the end of the password, unless percent-encoded.
+_UNESCAPED = re.compile(r"[#/?@]|%(?![0-9A-Fa-f]{2})")
+
+
+def _password_of(url: str) -> str:
+    match = _USERINFO.match(url)
+    return match.group(2) if match else ""
+
+
+def _without_password(message: str, url: str) -> str:
+    password = _password_of(url)
+    if not password:
+        return message
+    pieces = {password, *re.split(r"[#/?@:%]", password)}
+    for piece in sorted(pieces, key=len, reverse=True):
+        if len(piece) >= 2 or piece == password:
+            message = message.replace(piece, "***")
+    return message
 
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ***, for logs and check-config."""
     # Not urlsplit: a password with an unescaped '#', '?' or '/' would fool it and be
     # printed whole.  Everything between "user:" and the last '@' is the password.
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:)(.*)(@[^@]*)$", url, re.DOTALL)
+    match = _USERINFO.match(url)
     if match is None:
         return url
     return f"{match.group(1)}***{match.group(3)}"
