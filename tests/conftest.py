@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import socket
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -83,6 +84,27 @@ def backend(request: pytest.FixtureRequest) -> str:
 def database(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> tuple[str, str]:
     """(URL, table) of an empty place to store events, on each backend."""
     return database_url(request, backend, tmp_path), unique_table()
+
+
+async def count_rows(url: str, table: str = "events") -> int:
+    """The events in the table, through a storage of its own."""
+    store = create_storage(url, table)
+    await store.open()
+    try:
+        return await store.count_events()
+    finally:
+        await store.close()
+
+
+def execute_admin_sql(request: pytest.FixtureRequest, url: str, sql: str) -> None:
+    """Run `sql` on the database of `url` as its administrator (SQLite: the file)."""
+    if url.startswith("sqlite://"):
+        with contextlib.closing(sqlite3.connect(url[len("sqlite://") :], isolation_level=None)) as connection:
+            connection.executescript(sql)
+        return
+    backend = "mariadb" if url.startswith("mysql") else "postgresql"
+    server: Any = request.getfixturevalue(f"{backend}_server")
+    server.admin_execute(sql, server.database)
 
 
 @pytest.fixture

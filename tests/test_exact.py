@@ -9,20 +9,10 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from policyd.storage import create_storage
-from tests.conftest import PolicyClient, encode_request, make_settings, run_daemon
+from tests.conftest import PolicyClient, count_rows, encode_request, make_settings, run_daemon
 
 HOLD = "HOLD quota exceeded"
 REJECT = "REJECT max quota exceeded"
-
-
-async def count_rows(url: str, table: str) -> int:
-    store = create_storage(url, table)
-    await store.open()
-    try:
-        return await store.count_events()
-    finally:
-        await store.close()
 
 
 async def test_twenty_connections_at_the_same_moment(database: tuple[str, str]) -> None:

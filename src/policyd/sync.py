@@ -49,6 +49,8 @@ LOAD_TIMEOUT_SECONDS = 300.0
 # Another daemon counts as active while rows of its this recent are being read by the
 # tail (rows read at start are not a sign: they may be this daemon's previous run's).
 OTHERS_ACTIVE_SECONDS = 600.0
+# The table's highest id below what was read, for this long: it was re-created.
+IDS_BACK_SECONDS = 2.0
 # Right after the load, another daemon may be writing and not read yet: assume one is,
 # for a few tail intervals.
 OTHERS_UNKNOWN_SECONDS = 2.0
@@ -87,6 +89,7 @@ class WindowSync:
         # Other daemons by origin: when a recent row of theirs was last read (monotonic).
         self._origins: dict[str, float] = {}
         self._assume_others_until = 0.0  # monotonic; see OTHERS_UNKNOWN_SECONDS
+        self._ids_back_since: float | None = None  # monotonic; see IDS_BACK_SECONDS
         self.last_poll = 0.0  # monotonic time of the last successful poll
 
     # -- the load ------------------------------------------------------------------
@@ -229,6 +232,26 @@ class WindowSync:
                     return False
             else:
                 tail = await query
+            if tail.max_id < self.cursor:
+                # Ids went back: the table was re-created, or its newest rows deleted (or
+                # a node lags behind, for a moment).  Once it lasts, go on from its top:
+                # what is there is counted already or, in a new table, the rows of the
+                # last moment (not counted: never twice).
+                now = time.monotonic()
+                if self._ids_back_since is None:
+                    self._ids_back_since = now
+                if now - self._ids_back_since >= IDS_BACK_SECONDS:
+                    log.warning(
+                        "the events table's ids went back from %d to %d (re-created, or rows deleted?); "
+                        "reading new rows from there",
+                        self.cursor,
+                        tail.max_id,
+                    )
+                    self.cursor = self.low = tail.max_id
+                    self._marks.clear()
+                    self._ids_back_since = None
+                break
+            self._ids_back_since = None
             now_ms = to_ms(self.clock())
             recent = now_ms - int(OTHERS_ACTIVE_SECONDS * 1000)
             for row in tail.rows:

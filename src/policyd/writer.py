@@ -33,7 +33,7 @@ from policyd.logs import log
 from policyd.outage import INCIDENT_REMINDER_SECONDS, Outage
 from policyd.spool import Opened, Position, Spool, SpoolFull, encode_event
 from policyd.stats import Stats
-from policyd.storage import Event, Storage, StorageError
+from policyd.storage import Event, SchemaMissing, Storage, StorageError
 from policyd.worker import WorkerThread
 
 # Events written to the database in one transaction at most.
@@ -43,6 +43,9 @@ MAX_BATCH_EVENTS = 500
 MAX_FRESH_EVENTS = 50_000
 # How much longer than db_timeout a request waits for its event to be recorded.
 WRITE_GRACE_SECONDS = 1.0
+# A missing table is made again at most this often (a migration that does not stick, a
+# table dropped again and again: the outage says so meanwhile).
+MIGRATE_AGAIN_SECONDS = 10.0
 # How often the spool is fsync'd (and the database's position in it saved), and the
 # database made durable against a power cut (storage.sync_to_disk, for SQLite): a power
 # cut loses at most this much of the latest events.
@@ -119,6 +122,7 @@ class EventWriter:
         self._spool_ok = True
         self._last_loss_log = -INCIDENT_REMINDER_SECONDS
         self._late_check_due = False
+        self._migrated_at = -MIGRATE_AGAIN_SECONDS  # monotonic (see _add_events)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.caught_up = asyncio.Event()  # the database has everything spooled so far
@@ -413,8 +417,21 @@ class EventWriter:
         return bool(written)
 
     async def _add_events(self, events: list[Event]) -> bool:
-        """add_events with a result, so that success is told apart from attempt()'s None."""
-        await self.storage.add_events(events, self.origin)
+        """add_events with a result, so that success is told apart from attempt()'s None.
+
+        A table dropped (or a database re-created) under the daemon is made again, and
+        the batch written into it: what the daemon holds is not lost with the table."""
+        try:
+            await self.storage.add_events(events, self.origin)
+        except SchemaMissing as error:
+            now = time.monotonic()
+            if now < self._migrated_at + MIGRATE_AGAIN_SECONDS:
+                raise
+            self._migrated_at = now
+            log.error("%s; creating the table again (was it dropped, or the database re-created?)", error)
+            for step in await self.storage.migrate():
+                log.info("schema: %s", step)
+            await self.storage.add_events(events, self.origin)
         return True
 
     # -- durability --------------------------------------------------------------------

@@ -9,9 +9,18 @@ from __future__ import annotations
 import importlib
 import re
 
-from policyd.storage.base import Event, SenderStats, Storage, StorageError
+from policyd.storage.base import Event, SchemaMissing, SenderStats, Storage, StorageError
 
-__all__ = ["BACKENDS", "Event", "SenderStats", "Storage", "StorageError", "create_storage", "mask_url"]
+__all__ = [
+    "BACKENDS",
+    "Event",
+    "SchemaMissing",
+    "SenderStats",
+    "Storage",
+    "StorageError",
+    "create_storage",
+    "mask_url",
+]
 
 # scheme -> (module, class, pip extra that brings its driver)
 BACKENDS: dict[str, tuple[str, str, str | None]] = {

@@ -29,6 +29,11 @@ class StorageError(Exception):
     """The database failed (unreachable, locked, full, ...)."""
 
 
+class SchemaMissing(StorageError):
+    """The table (or a column of it) is not there: dropped, or the database re-created
+    under the daemon.  migrate() makes it again."""
+
+
 _id_random = random.SystemRandom()
 _id_bits = random.Random(_id_random.getrandbits(128))
 

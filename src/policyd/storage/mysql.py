@@ -130,6 +130,7 @@ from policyd.storage.base import (
     OUTCOME_CODE_SQL,
     PURGE_BATCH_ROWS,
     Event,
+    SchemaMissing,
     SenderStats,
     Storage,
     StorageError,
@@ -193,6 +194,8 @@ _BROKEN_CONNECTION_CODES = frozenset(
 _RETRYABLE_CODES = frozenset({1213})  # deadlock; Galera reports certification failures so
 _SCHEMA_CHANGED_CODES = frozenset({1054, 1146})  # unknown column, no such table
 _CANNOT_CONNECT_CODES = frozenset({2002, 2003, 2005})
+# The table, or a column of it, is missing: 1146 no such table, 1054 unknown column.
+_MISSING_SCHEMA_CODES = frozenset({1146, 1054})
 
 
 def _user_key_sql(operand: str) -> str:
@@ -615,8 +618,8 @@ class MySQLStorage(Storage):
             detail = f"({code}) {error.args[1]}"
         else:
             detail = str(error) or type(error).__name__
-        if code == 1146:
-            detail += " (run `policyd migrate` to create it)"
+        if code in _MISSING_SCHEMA_CODES:
+            return SchemaMissing(f"{self._where}: {what}: {detail} (run `policyd migrate` to create it)")
         return StorageError(f"{self._where}: {what}: {detail}")
 
     async def _run(

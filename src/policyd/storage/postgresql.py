@@ -92,6 +92,7 @@ from policyd.storage.base import (
     OUTCOME_CODE_SQL,
     PURGE_BATCH_ROWS,
     Event,
+    SchemaMissing,
     SenderStats,
     Storage,
     StorageError,
@@ -322,7 +323,8 @@ class PostgreSQLStorage(Storage):
         if self.password and len(self.password) >= 4:
             reason = reason.replace(self.password, "***")
         where = f"{self.host or 'localhost'}:{self.port}/{self.database}"
-        return StorageError(f"postgresql {where}: {what}: {reason}")
+        kind = SchemaMissing if isinstance(error, _SCHEMA_OUT_OF_DATE) else StorageError
+        return kind(f"postgresql {where}: {what}: {reason}")
 
     # -- connections ---------------------------------------------------------
 

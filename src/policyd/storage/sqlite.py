@@ -17,7 +17,9 @@ compares correctly as text.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -32,6 +34,7 @@ from policyd.storage.base import (
     OUTCOME_CODE_SQL,
     PURGE_BATCH_ROWS,
     Event,
+    SchemaMissing,
     SenderStats,
     Storage,
     StorageError,
@@ -112,7 +115,8 @@ class _Connection:
             try:
                 return work()
             except (sqlite3.Error, OSError, ValueError) as error:
-                raise StorageError(f"sqlite: {what}: {error}") from error
+                kind = SchemaMissing if _MISSING_SCHEMA.search(str(error)) else StorageError
+                raise kind(f"sqlite: {what}: {error}") from error
 
         return await self._thread.call(guarded)
 
@@ -126,6 +130,10 @@ class _Connection:
         self._thread.stop()
 
 
+# SQLite's words for a table or column that is not there.
+_MISSING_SCHEMA = re.compile(r"no such table|no such column|has no column named")
+
+
 def _in_transaction(
     connection: sqlite3.Connection, work: Callable[[], T], begin: str = "BEGIN IMMEDIATE"
 ) -> T:
@@ -135,7 +143,10 @@ def _in_transaction(
         connection.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:
-            connection.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does, inside COMMIT): then
+            # this fails with "no transaction is active", which must not hide the reason.
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
         raise
     return result
 
