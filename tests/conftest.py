@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from policyd.clock import utc_now
 from policyd.config import Settings
 from policyd.daemon import Daemon
-from policyd.decider import utc_now
 from policyd.quota import QuotaRules
 from policyd.storage import Storage, create_storage
 

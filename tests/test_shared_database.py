@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from policyd.decider import to_ms
+from policyd.clock import to_ms
 from policyd.quota import Outcome
 from policyd.storage import create_storage
 from tests.conftest import PolicyClient, free_port, make_settings, run_daemon

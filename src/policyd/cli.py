@@ -127,7 +127,7 @@ def check_config(config_path: str) -> None:
 @click.option("-w", "--window", default="24h", show_default=True, help="How far back (e.g. 1h, 24h, 7d).")
 def top(config_path: str, limit: int, window: str) -> None:
     """Show the users who sent to the most recipients recently."""
-    from policyd.decider import utc_now
+    from policyd.clock import utc_now
 
     settings = load_or_exit(config_path)
     span = _duration_or_exit(window)

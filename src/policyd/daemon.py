@@ -23,8 +23,9 @@ from datetime import datetime
 from typing import Any
 
 from policyd import __version__, systemd
+from policyd.clock import to_ms, utc_now
 from policyd.config import ConfigError, Settings, load_settings
-from policyd.decider import Decider, to_ms, utc_now, window_spans
+from policyd.decider import Decider, window_spans
 from policyd.logs import log, set_level
 from policyd.maintenance import purge_every_day
 from policyd.outage import Outage
@@ -80,7 +81,13 @@ class Daemon:
         outage = self.outage = Outage(settings.db_retry, stats, str(spool.path))
         window = Window(window_spans(settings.rules))
         writer = self.writer = EventWriter(
-            storage=storage, spool=spool, outage=outage, stats=stats, settings=settings, origin=self.origin
+            storage=storage,
+            spool=spool,
+            outage=outage,
+            stats=stats,
+            settings=settings,
+            origin=self.origin,
+            held=lambda before: window.held(before - window.longest, before),
         )
         outage.spool_empty = writer.caught_up_now  # an outage ends once its backlog is written
         decider = self.decider = Decider(

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from policyd import logs
+from policyd.clock import MILLISECOND, from_ms, to_ms, utc_now
 from policyd.config import Settings
 from policyd.logs import log
 from policyd.outage import Outage
@@ -40,22 +41,6 @@ from policyd.writer import EventWriter
 # take far more than this daemon sees.
 STRICT_FROM = 0.5
 STRICT_RATE_MS = 1000
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MILLISECOND = timedelta(milliseconds=1)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def to_ms(moment: datetime) -> int:
-    """Milliseconds since the epoch, exactly (integer arithmetic: no float rounding)."""
-    return (moment - EPOCH) // MILLISECOND
-
-
-def from_ms(milliseconds: int) -> datetime:
-    return EPOCH + timedelta(milliseconds=milliseconds)
 
 
 def window_spans(rules: QuotaRules) -> list[int]:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from policyd.decider import utc_now
+from policyd.clock import utc_now
 from policyd.logs import log
 from policyd.outage import describe_error
 from policyd.storage import Storage, StorageError

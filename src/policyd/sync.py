@@ -24,7 +24,8 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from policyd.decider import Decider, from_ms, to_ms, utc_now
+from policyd.clock import from_ms, to_ms, utc_now
+from policyd.decider import Decider
 from policyd.logs import log
 from policyd.outage import Outage
 from policyd.stats import Stats

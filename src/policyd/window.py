@@ -194,6 +194,21 @@ class Window:
     def __len__(self) -> int:
         return len(self._users)
 
+    def held(self, since: int, before: int) -> Iterator[tuple[str, int, int, Outcome]]:
+        """What the window holds from `since` to before `before`: (user, ms, recipients,
+        outcome), recipients of one millisecond and outcome together.  What a database
+        lost under the daemon can be given back."""
+        for name, user in self._users.items():
+            entries = user.entries
+            start = max(since, user.floor)
+            for position in range(0, len(entries), 2):
+                at = entries[position]
+                if at >= before:
+                    break
+                if at >= start:
+                    packed = entries[position + 1]
+                    yield name, at, packed >> _CODE_BITS, OUTCOMES[packed & _CODE_MASK]
+
     def __contains__(self, name: object) -> bool:
         return name in self._users
 

@@ -25,15 +25,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from policyd.clock import from_ms, to_ms
 from policyd.config import Settings
 from policyd.logs import log
 from policyd.outage import INCIDENT_REMINDER_SECONDS, Outage
+from policyd.quota import Outcome
 from policyd.spool import Opened, Position, Spool, SpoolFull, encode_event
 from policyd.stats import Stats
-from policyd.storage import Event, SchemaMissing, Storage, StorageError
+from policyd.storage import DatabaseReplaced, Event, SchemaMissing, Storage, StorageError
 from policyd.worker import WorkerThread
 
 # Events written to the database in one transaction at most.
@@ -93,8 +95,11 @@ class EventWriter:
         stats: Stats,
         settings: Settings,
         origin: str,
+        held: Callable[[int], Iterable[tuple[str, int, int, Outcome]]] | None = None,
     ) -> None:
         self.storage = storage
+        # The window's events (Window.held): what a database deleted under us is given back.
+        self.held = held
         self.spool = spool
         self.outage = outage
         self.stats = stats
@@ -423,6 +428,8 @@ class EventWriter:
         the batch written into it: what the daemon holds is not lost with the table."""
         try:
             await self.storage.add_events(events, self.origin)
+        except DatabaseReplaced as error:
+            await self._reopen(error, events)
         except SchemaMissing as error:
             now = time.monotonic()
             if now < self._migrated_at + MIGRATE_AGAIN_SECONDS:
@@ -433,6 +440,30 @@ class EventWriter:
                 log.info("schema: %s", step)
             await self.storage.add_events(events, self.origin)
         return True
+
+    async def _reopen(self, error: DatabaseReplaced, events: list[Event]) -> None:
+        """The file at the database's path, made anew if it was deleted, with what the
+        window holds from before `events` (the oldest not written yet) in it."""
+        await self.storage.reopen()
+        for step in await self.storage.migrate():
+            log.info("schema: %s", step)
+        given_back: list[Event] = []
+        if error.deleted and self.held is not None:
+            given_back = [
+                Event(from_ms(at), user, "", "", recipients, outcome)
+                for user, at, recipients, outcome in self.held(to_ms(events[0].ts))
+            ]
+        log.error(
+            "%s; %s",
+            error,
+            f"a new one is made with the {len(given_back)} events of the window the daemon holds "
+            "(without their senders and client addresses, which it does not keep)"
+            if error.deleted
+            else "using the file now there (the window keeps counting what it holds)",
+        )
+        for first in range(0, len(given_back), MAX_BATCH_EVENTS):
+            await self.storage.add_events(given_back[first : first + MAX_BATCH_EVENTS], self.origin)
+        await self.storage.add_events(events, self.origin)
 
     # -- durability --------------------------------------------------------------------
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 import re
 
-from policyd.storage.base import Event, SchemaMissing, SenderStats, Storage, StorageError
+from policyd.storage.base import DatabaseReplaced, Event, SchemaMissing, SenderStats, Storage, StorageError
 
 __all__ = [
     "BACKENDS",
+    "DatabaseReplaced",
     "Event",
     "SchemaMissing",
     "SenderStats",

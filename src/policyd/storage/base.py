@@ -29,6 +29,15 @@ class StorageError(Exception):
     """The database failed (unreachable, locked, full, ...)."""
 
 
+class DatabaseReplaced(StorageError):
+    """The database file was deleted (or another put at its path) under the daemon:
+    writes would go into a file nobody will read again."""
+
+    def __init__(self, message: str, deleted: bool) -> None:
+        super().__init__(message)
+        self.deleted = deleted
+
+
 class SchemaMissing(StorageError):
     """The table (or a column of it) is not there: dropped, or the database re-created
     under the daemon.  migrate() makes it again."""
@@ -177,6 +186,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def pending_migrations(self) -> list[str]:
         """What migrate() would do, one line per step; empty when up to date."""
+
+    async def reopen(self) -> None:
+        """Close and open again (after DatabaseReplaced: the file now at the path)."""
+        await self.close()
+        await self.open()
 
     @abc.abstractmethod
     async def migrate(self) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from policyd.storage.base import (
     EVENT_VALUES,
     OUTCOME_CODE_SQL,
     PURGE_BATCH_ROWS,
+    DatabaseReplaced,
     Event,
     SchemaMissing,
     SenderStats,
@@ -130,6 +132,14 @@ class _Connection:
         self._thread.stop()
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 # SQLite's words for a table or column that is not there.
 _MISSING_SCHEMA = re.compile(r"no such table|no such column|has no column named")
 
@@ -157,6 +167,7 @@ class SQLiteStorage(Storage):
         self.path = path
         self._reader: _Connection | None = None
         self._writer: _Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
 
     @classmethod
     def from_url(cls, url: str, table: str) -> SQLiteStorage:
@@ -196,6 +207,7 @@ class SQLiteStorage(Storage):
             await reader.close()
             raise
         self._writer, self._reader = writer, reader
+        self._identity = _identity(self.path) if self.path != ":memory:" else None
 
     async def close(self) -> None:
         for connection in (self._reader, self._writer):
@@ -279,6 +291,7 @@ class SQLiteStorage(Storage):
     async def add_events(self, events: Sequence[Event], origin: str | None = None) -> None:
         if not events:
             return
+        self._check_file()
         # One multi-row INSERT per chunk, not executemany: the thread binds every value in
         # one go and SQLite inserts the rows in one step with the GIL released, instead of
         # taking the GIL back from the event loop for every row.
@@ -302,6 +315,20 @@ class SQLiteStorage(Storage):
             _in_transaction(connection, all_chunks)
 
         await self._write(insert, "recording events")
+
+    def _check_file(self) -> None:
+        """Raise DatabaseReplaced if the path no longer names the file opened (one stat,
+        before each write: a deleted file would take the writes and lose them)."""
+        if self._identity is None:
+            return
+        now = _identity(self.path)
+        if now != self._identity:
+            deleted = now is None
+            raise DatabaseReplaced(
+                f"sqlite: {self.path} no longer names the open database "
+                f"({'deleted' if deleted else 'another file was put there'})",
+                deleted=deleted,
+            )
 
     async def sync_to_disk(self) -> None:
         """Copy what the WAL holds into the database file and fsync both (from the reader
