@@ -8,6 +8,7 @@ import itertools
 import os
 import socket
 import sqlite3
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -84,6 +85,25 @@ def backend(request: pytest.FixtureRequest) -> str:
 def database(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> tuple[str, str]:
     """(URL, table) of an empty place to store events, on each backend."""
     return database_url(request, backend, tmp_path), unique_table()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real small file system at `mount` (root only: else skipped, or failed in CI)."""
+    mount.mkdir(exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def remount_read_only(mount: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
 
 
 async def count_rows(url: str, table: str = "events") -> int:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from policyd.quota import Outcome
 from policyd.spool import Spool, SpoolFull, SpoolLocked, decode_event, encode_event, pending_on_disk
 from policyd.storage import Event
-from tests.conftest import skip_or_fail
+from tests.conftest import mounted_tmpfs
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 MB = 1 << 20
@@ -262,17 +262,8 @@ def test_the_previous_versions_spool_is_moved_into_the_new_one(tmp_path: Path) -
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
-    )
-    if result.returncode != 0:
-        skip_or_fail(f"cannot mount a tmpfs: {result.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(disk: Path, leave: int) -> Path:

@@ -18,6 +18,7 @@ import re
 import secrets
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
@@ -28,7 +29,7 @@ from policyd.config import ConfigError, Settings, load_settings
 from policyd.decider import Decider, window_spans
 from policyd.logs import log, set_level
 from policyd.maintenance import purge_every_day
-from policyd.outage import Outage
+from policyd.outage import INCIDENT_REMINDER_SECONDS, Outage
 from policyd.server import ListenError, PolicyServer
 from policyd.spool import Spool
 from policyd.stats import Stats
@@ -72,6 +73,7 @@ class Daemon:
         self.sync: WindowSync | None = None
         self.outage: Outage | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._connect_hint: str | None = None  # why the database cannot be opened, if permanent
 
     async def run(self, ready: Callable[[Daemon], None] | None = None) -> None:
         settings = self.settings
@@ -166,7 +168,13 @@ class Daemon:
         if self.server is None or self.writer is None or self.outage is None:
             return "starting"
         stats = self.stats
-        database = "database unavailable, deciding from memory" if self.outage.active else "database ok"
+        hint = self.outage.hint or self._connect_hint
+        if hint:
+            database = f"database unavailable, deciding from memory; needs the admin: {hint}"
+        elif self.outage.active:
+            database = "database unavailable, deciding from memory"
+        else:
+            database = "database ok"
         return (
             f"{sum(stats.requests.values())} requests: {stats.outcome_count('DUNNO')} dunno, "
             f"{stats.outcome_count('HOLD')} held, {stats.outcome_count('REJECT')} rejected; "
@@ -189,6 +197,7 @@ class Daemon:
         once storage is open and migrated.
         """
         failures = 0
+        first_failure = last_log = 0.0
         while True:
             try:
                 await storage.open()
@@ -196,14 +205,27 @@ class Daemon:
                     log.info("schema: %s", step)
             except StorageError as error:
                 failures += 1
+                now = time.monotonic()
+                needs = f"; this will not pass by itself: {error.hint}" if error.hint else ""
+                self._connect_hint = error.hint  # shown by systemd STATUS
                 if failures == 1:
+                    first_failure = last_log = now
                     log.error(
-                        "cannot open the database (%s); retrying every %gs", error, self.settings.db_retry
+                        "cannot open the database (%s)%s; retrying every %gs",
+                        error,
+                        needs,
+                        self.settings.db_retry,
+                    )
+                elif now - last_log >= INCIDENT_REMINDER_SECONDS:
+                    last_log = now
+                    log.error(
+                        "still cannot open the database after %.0fs (%s)%s", now - first_failure, error, needs
                     )
                 await storage.close()
                 first_attempt.set()
                 await asyncio.sleep(self.settings.db_retry)
                 continue
+            self._connect_hint = None
             if failures:
                 log.warning("database opened after %d failed attempts", failures)
             opened.set()

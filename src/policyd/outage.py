@@ -52,6 +52,7 @@ class Outage:
         self.reminder_seconds = reminder_seconds
         self.active = False
         self.reason = ""  # what the last failure said
+        self.hint: str | None = None  # what the admin must do, if the last failure will not pass by itself
         self.write_failed = False  # in this incident
         self._started = 0.0
         self._last_log = 0.0
@@ -92,6 +93,10 @@ class Outage:
         now = time.monotonic()
         self._retry_at = now + self.retry_seconds
         self.reason = describe_error(error)
+        hint = error.hint if isinstance(error, StorageError) else None
+        if hint != self.hint and self.active and hint is not None:
+            self._last_log = now - self.reminder_seconds  # a new reason that needs the admin: say it now
+        self.hint = hint
         self.stats.database_errors[kind] += 1
         if kind in {"write", "replay"}:
             self.write_failed = True
@@ -100,23 +105,28 @@ class Outage:
             self._started = self._last_log = now
             self._at_start = self.stats.reading()
             log.error(
-                "database unavailable: %s; deciding from memory and keeping events in %s until it is back",
+                "database unavailable: %s; %sdeciding from memory and keeping events in %s until it is back",
                 self.reason,
+                self._needs(),
                 self.spool_path,
             )
         elif now - self._last_log >= self.reminder_seconds:
             self._last_log = now
             figures = self._figures()
             log.error(
-                "database still unavailable after %.0fs (%s): %d requests decided from memory, "
+                "database still unavailable after %.0fs (%s): %s%d requests decided from memory, "
                 "%d answered with db_error_action, %d events spooled, %d dropped",
                 now - self._started,
                 self.reason,
+                self._needs(),
                 figures["decided_during_outage"],
                 figures["answered_error_action"],
                 figures["events_spooled"],
                 figures["events_dropped"],
             )
+
+    def _needs(self) -> str:
+        return f"this will not pass by itself: {self.hint}; " if self.hint else ""
 
     def succeeded(self, kind: str) -> None:
         """A database operation worked: the end of the incident, if it proves enough.
@@ -135,6 +145,7 @@ class Outage:
             return
         self.active = False
         self.write_failed = False
+        self.hint = None
         figures = self._figures()
         log.warning(
             "database is back after %.1fs: %d events replayed from the spool, %d requests were "

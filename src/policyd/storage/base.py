@@ -26,7 +26,19 @@ PURGE_BATCH_ROWS = 5000
 
 
 class StorageError(Exception):
-    """The database failed (unreachable, locked, full, ...)."""
+    """The database failed (unreachable, locked, full, ...).
+
+    `hint`: what the admin must do, when the error will not pass by itself (a wrong
+    password, a missing database, a file the daemon's user may not write): `permanent`.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    @property
+    def permanent(self) -> bool:
+        return self.hint is not None
 
 
 class DatabaseReplaced(StorageError):

@@ -620,7 +620,29 @@ class MySQLStorage(Storage):
             detail = str(error) or type(error).__name__
         if code in _MISSING_SCHEMA_CODES:
             return SchemaMissing(f"{self._where}: {what}: {detail} (run `policyd migrate` to create it)")
-        return StorageError(f"{self._where}: {what}: {detail}")
+        return StorageError(f"{self._where}: {what}: {detail}", hint=self._hint(code))
+
+    def _hint(self, code: int | None) -> str | None:
+        """What to do about an error that will not pass by itself; None for the others."""
+        grant = (
+            f"GRANT SELECT, INSERT, DELETE, CREATE, ALTER, INDEX ON `{self.database}`.* "
+            f"TO '{self.user}'@'<this host>'"
+        )
+        if code == 1045:
+            return (
+                f"the server refused user {self.user!r} with this password: check `database` "
+                "(or dbuser/dbpass), and that the user may connect from this host"
+            )
+        if code == 1049:
+            return f"the database does not exist: CREATE DATABASE `{self.database}`; then {grant}"
+        if code == 1044:
+            return (
+                f"user {self.user!r} may not use database {self.database!r}, or it does not exist: "
+                f"CREATE DATABASE IF NOT EXISTS `{self.database}`; {grant}"
+            )
+        if code in {1142, 1143}:
+            return f"the user lacks a privilege: {grant}"
+        return None
 
     async def _run(
         self,

@@ -323,8 +323,26 @@ class PostgreSQLStorage(Storage):
         if self.password and len(self.password) >= 4:
             reason = reason.replace(self.password, "***")
         where = f"{self.host or 'localhost'}:{self.port}/{self.database}"
-        kind = SchemaMissing if isinstance(error, _SCHEMA_OUT_OF_DATE) else StorageError
-        return kind(f"postgresql {where}: {what}: {reason}")
+        message = f"postgresql {where}: {what}: {reason}"
+        if isinstance(error, _SCHEMA_OUT_OF_DATE):
+            return SchemaMissing(message)
+        return StorageError(message, hint=self._hint(error))
+
+    def _hint(self, error: BaseException) -> str | None:
+        """What to do about an error that will not pass by itself; None for the others."""
+        if isinstance(error, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
+            return (
+                f"the server refused user {self.user!r} with this password: check `database`, "
+                "and pg_hba.conf for this host"
+            )
+        if isinstance(error, asyncpg.InvalidCatalogNameError):
+            return f"the database does not exist: createdb -O {self.user} {self.database}"
+        if isinstance(error, asyncpg.InsufficientPrivilegeError):
+            return (
+                f"the user lacks a privilege: GRANT CREATE, USAGE ON SCHEMA public TO {self.user}; "
+                f"GRANT SELECT, INSERT, DELETE ON {self.table} TO {self.user} (or make it the owner)"
+            )
+        return None
 
     # -- connections ---------------------------------------------------------
 

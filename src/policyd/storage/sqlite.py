@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pwd
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -97,8 +98,11 @@ class _Connection:
     def __init__(self, name: str) -> None:
         self._thread = WorkerThread(f"policyd-sqlite-{name}")
         self._connection: sqlite3.Connection | None = None
+        self._path = ""
 
     async def open(self, path: str, what: str) -> None:
+        self._path = path
+
         def connect() -> sqlite3.Connection:
             return sqlite3.connect(
                 path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
@@ -117,13 +121,22 @@ class _Connection:
             try:
                 return work()
             except (sqlite3.Error, OSError, ValueError) as error:
-                kind = SchemaMissing if _MISSING_SCHEMA.search(str(error)) else StorageError
-                raise kind(f"sqlite: {what}: {error}") from error
+                message = f"sqlite: {what}: {error}"
+                if _MISSING_SCHEMA.search(str(error)):
+                    raise SchemaMissing(message) from error
+                raise StorageError(message, hint=self._hint(error)) from error
 
         return await self._thread.call(guarded)
 
+    def _hint(self, error: BaseException) -> str | None:
+        """What to do when this user may not write the file (or its directory)."""
+        if not (isinstance(error, PermissionError) or _NOT_WRITABLE.search(str(error))):
+            return None
+        return not_writable_hint(self._path)
+
     async def close(self) -> None:
         connection, self._connection = self._connection, None
+
         if connection is not None:
             try:
                 await self._call(connection.close, "closing")
@@ -138,6 +151,31 @@ def _identity(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return status.st_dev, status.st_ino
+
+
+# SQLite's words for a file (or directory) this user may not write.
+_NOT_WRITABLE = re.compile(r"readonly database|unable to open database file|Permission denied")
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def not_writable_hint(path: str) -> str:
+    try:
+        read_only = bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"the file system holding {path} is mounted read-only"
+    user = _user_name()
+    return (
+        f"user {user} may not write {path} or its directory: "
+        f"chown {user}: {os.path.dirname(os.path.abspath(path))} {path}*"
+    )
 
 
 # SQLite's words for a table or column that is not there.
@@ -190,7 +228,8 @@ class SQLiteStorage(Storage):
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as error:
-            raise StorageError(f"sqlite: {what}: {error}") from error
+            hint = not_writable_hint(self.path) if isinstance(error, PermissionError) else None
+            raise StorageError(f"sqlite: {what}: {error}", hint=hint) from error
         writer, reader = _Connection("writer"), _Connection("reader")
         try:
             await writer.open(self.path, what)
@@ -208,12 +247,32 @@ class SQLiteStorage(Storage):
             raise
         self._writer, self._reader = writer, reader
         self._identity = _identity(self.path) if self.path != ":memory:" else None
+        self._give_to_directory_owner()
 
     async def close(self) -> None:
         for connection in (self._reader, self._writer):
             if connection is not None:
                 await connection.close()
         self._reader = self._writer = None
+        self._give_to_directory_owner()
+
+    def _give_to_directory_owner(self) -> None:
+        """Run as root (`policyd migrate` or `top` before the first start, say), the
+        file and its -wal and -shm would be root's, and the service's user could not
+        write them: they go to the owner of their directory (the service's user, in a
+        set-up like /var/lib/policyd), as the daemon would have made them."""
+        if os.geteuid() != 0 or self.path == ":memory:":
+            return
+        try:
+            owner = os.stat(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return
+        if owner.st_uid == 0:
+            return
+        for path in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_uid == 0:
+                    os.chown(path, owner.st_uid, owner.st_gid)
 
     def _connections(self) -> tuple[_Connection, _Connection]:
         if self._reader is None or self._writer is None:
