@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_settings, mounted_tmpfs, remount_read_only, run_daemon
+from tests.conftest import count_rows, make_settings, mounted_tmpfs, remount_read_only, run_daemon
 
 SERVERS = [
     pytest.param("mariadb", marks=pytest.mark.mariadb),
@@ -126,3 +126,25 @@ async def test_a_read_only_file_system_says_so(tmp_path: Path, caplog: pytest.Lo
         for line in errors
     ), errors
     assert "needs the admin: the file system holding" in status
+
+
+async def test_a_spool_on_a_read_only_file_system_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "policyd")
+    url = f"sqlite://{tmp_path}/policyd.sqlite"
+    with mounted_tmpfs(tmp_path / "ro", "1m") as mount:
+        remount_read_only(mount)
+        async with run_daemon(make_settings(url, spool=f"{mount}/policyd.spool")) as daemon:
+            client = await daemon.client()
+            for _ in range(5):
+                assert await client.ask() == "DUNNO"  # answered once in the database
+            await client.close()
+            assert daemon.daemon.stats.events_dropped == 0
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert any(
+        f"this will not pass by itself: the file system holding {mount}/policyd.spool is mounted read-only"
+        in line
+        for line in errors
+    ), errors
+    assert await count_rows(url) == 5

@@ -32,6 +32,7 @@ from policyd.clock import from_ms, to_ms
 from policyd.config import Settings
 from policyd.logs import log
 from policyd.outage import INCIDENT_REMINDER_SECONDS, Outage
+from policyd.permissions import hint_for
 from policyd.quota import Outcome
 from policyd.spool import Opened, Position, Spool, SpoolFull, encode_event
 from policyd.stats import Stats
@@ -152,7 +153,13 @@ class EventWriter:
             opened = await self._in_journal_thread(self.spool.open)
         except OSError as error:
             # Not fatal: mail keeps flowing; answers then wait for the database.
-            log.error("spool: cannot open %s: %s; answers wait for the database", self.spool.path, error)
+            hint = hint_for(error, str(self.spool.path))
+            log.error(
+                "spool: cannot open %s: %s; %sanswers wait for the database",
+                self.spool.path,
+                error,
+                f"this will not pass by itself: {hint}; " if hint else "",
+            )
             self._spool_ok = False
             opened = Opened()
         for problem in opened.problems:

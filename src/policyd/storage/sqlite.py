@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import pwd
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from policyd.permissions import not_writable_hint
 from policyd.quota import Outcome
 from policyd.storage.base import (
     EVENT_COLUMNS,
@@ -155,27 +155,6 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 # SQLite's words for a file (or directory) this user may not write.
 _NOT_WRITABLE = re.compile(r"readonly database|unable to open database file|Permission denied")
-
-
-def _user_name() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
-
-
-def not_writable_hint(path: str) -> str:
-    try:
-        read_only = bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only:
-        return f"the file system holding {path} is mounted read-only"
-    user = _user_name()
-    return (
-        f"user {user} may not write {path} or its directory: "
-        f"chown {user}: {os.path.dirname(os.path.abspath(path))} {path}*"
-    )
 
 
 # SQLite's words for a table or column that is not there.
