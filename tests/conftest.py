@@ -102,6 +102,18 @@ def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def fill_disk(disk: Path) -> Path:
+    """A file taking all the space left on `disk` (written until the disk says no)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as file:
+        while True:
+            try:
+                file.write(b"\0" * 65536)
+            except OSError:
+                break
+    return filler
+
+
 def remount_read_only(mount: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
 

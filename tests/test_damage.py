@@ -17,7 +17,15 @@ import pytest
 from policyd.clock import utc_now
 from policyd.quota import Outcome
 from policyd.storage import StorageError, create_storage
-from tests.conftest import count_rows, execute_admin_sql, make_settings, run_daemon
+from tests.conftest import (
+    PolicyClient,
+    count_rows,
+    execute_admin_sql,
+    fill_disk,
+    make_settings,
+    mounted_tmpfs,
+    run_daemon,
+)
 
 
 async def wait_for_rows(url: str, table: str, expected: int, timeout: float = 15) -> None:
@@ -99,3 +107,66 @@ async def test_the_sqlite_file_deleted_under_the_daemon(
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert sum("no longer names the open database" in line for line in warnings) == 1, warnings
     assert os.stat(path).st_size > 0
+
+
+async def test_sqlite_and_spool_on_one_full_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The disk under both fills up, under load, then has space again: every answered
+    event is in the database or reported dropped, exactly; the log says why (SQLite's
+    own words) and the outage starts and ends once, not at every successful read."""
+    caplog.set_level(logging.INFO, "policyd")
+    with mounted_tmpfs(tmp_path / "disk", "16m") as disk:
+        url = f"sqlite://{disk}/policyd.sqlite"
+        settings = make_settings(
+            url,
+            quota=10**6,
+            reject_quota=2 * 10**6,
+            db_timeout=0.2,
+            db_retry=0.2,
+            spool=f"{disk}/policyd.spool",
+        )
+        answered = 0
+        phase = "before"
+        async with run_daemon(settings) as daemon:
+
+            async def load(client: PolicyClient, number: int) -> None:
+                nonlocal answered
+                sent = 0
+                while phase != "done":
+                    sent += 1
+                    assert await client.ask(sender=f"s{number}-{sent}@example.org") == "DUNNO"
+                    answered += 1
+
+            clients = [await daemon.client() for _ in range(4)]
+            tasks = [asyncio.create_task(load(client, number)) for number, client in enumerate(clients)]
+            await asyncio.sleep(0.5)
+            filler = fill_disk(disk)
+            phase = "full"
+            await asyncio.sleep(1.5)
+            filler.unlink()
+            phase = "space again"
+            await asyncio.sleep(1.5)
+            phase = "done"
+            await asyncio.gather(*tasks)
+            for client in clients:
+                await client.close()
+            outage, writer = daemon.daemon.outage, daemon.daemon.writer
+            assert outage is not None and writer is not None
+            deadline = time.monotonic() + 15
+            while outage.active or not writer.caught_up_now():
+                assert time.monotonic() < deadline, (
+                    "not caught up",
+                    outage.reason,
+                    {path.name: path.stat().st_size for path in disk.iterdir()},
+                )
+                await asyncio.sleep(0.1)
+            dropped = daemon.daemon.stats.events_dropped
+        rows = await count_rows(url)
+    assert answered == rows + dropped, (answered, rows, dropped)
+    assert dropped > 0, "the disk was full: some events could go nowhere"
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert any("database or disk is full" in line for line in errors), errors
+    assert not any("no transaction is active" in line for line in errors), errors
+    starts = caplog.text.count("database unavailable:")
+    ends = caplog.text.count("database is back after")
+    assert starts == ends == 1, (starts, ends)
+    assert f"{dropped} events dropped" in caplog.text

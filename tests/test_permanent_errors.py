@@ -9,6 +9,7 @@ import logging
 import os
 import pwd
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,76 @@ async def test_a_spool_on_a_read_only_file_system_says_so(
         for line in errors
     ), errors
     assert await count_rows(url) == 5
+
+
+def check_config(config: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "policyd", "check-config", "-c", str(config), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_config_connect_tries_the_database_and_the_spool(tmp_path: Path) -> None:
+    config = tmp_path / "policyd.cfg"
+    config.write_text(
+        f"database = sqlite://{tmp_path}/policyd.sqlite\nspool = {tmp_path}/spool/policyd.spool\n"
+    )
+    fresh = check_config(config, "--connect")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "database: ok, but the schema needs `policyd migrate`" in fresh.stdout
+    subprocess.run(
+        [sys.executable, "-m", "policyd", "migrate", "-c", str(config)], check=True, capture_output=True
+    )
+    result = check_config(config, "--connect")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-2].startswith("database: ok (sqlite:") and "a test row written and rolled back" in lines[-2]
+    assert lines[-1] == f"spool: ok ({tmp_path}/spool/policyd.spool: {tmp_path} is writable)"
+    assert sqlite3.connect(tmp_path / "policyd.sqlite").execute("SELECT COUNT(*) FROM events").fetchone() == (
+        0,
+    )
+
+
+def test_check_config_connect_says_what_is_wrong(tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "ro", "1m") as mount:
+        config = tmp_path / "policyd.cfg"
+        config.write_text(f"database = sqlite://{mount}/policyd.sqlite\nspool = {mount}/policyd.spool\n")
+        subprocess.run(
+            [sys.executable, "-m", "policyd", "migrate", "-c", str(config)], check=True, capture_output=True
+        )
+        remount_read_only(mount)
+        result = check_config(config, "--connect")
+    assert result.returncode == 1
+    database, spool = result.stdout.splitlines()[-2:]
+    assert database.startswith("database: FAILED: sqlite: ")
+    assert database.endswith(f"the file system holding {mount}/policyd.sqlite is mounted read-only")
+    assert spool == (
+        f"spool: FAILED: cannot write in {mount}: Read-only file system; "
+        f"the file system holding {mount}/policyd.spool is mounted read-only"
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.mariadb
+def test_check_config_connect_with_a_wrong_password(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    server: Any = request.getfixturevalue("mariadb_server")
+    config = tmp_path / "policyd.cfg"
+    config.write_text(
+        f"database = {with_password(server.url, 'wrong-pw')}\nspool = {tmp_path}/policyd.spool\n"
+    )
+    config.chmod(0o600)
+    result = check_config(config, "--connect")
+    assert result.returncode == 1
+    assert "database: FAILED: " in result.stdout
+    assert "the server refused user 'policyd' with this password" in result.stdout
+    assert "wrong-pw" not in result.stdout + result.stderr
+
+
+def test_check_config_as_an_unknown_user(tmp_path: Path) -> None:
+    config = tmp_path / "policyd.cfg"
+    config.write_text(f"database = sqlite://{tmp_path}/policyd.sqlite\n")
+    result = check_config(config, "--as-user", "no-such-user-here")
+    assert result.returncode == 2
+    assert result.stderr == "policyd: no user 'no-such-user-here' on this system\n"

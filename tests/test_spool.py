@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from policyd.quota import Outcome
 from policyd.spool import Spool, SpoolFull, SpoolLocked, decode_event, encode_event, pending_on_disk
 from policyd.storage import Event
-from tests.conftest import mounted_tmpfs
+from tests.conftest import fill_disk, mounted_tmpfs
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 MB = 1 << 20
@@ -266,20 +266,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
 
 
-def fill(disk: Path, leave: int) -> Path:
-    """A file taking all the space of `disk` but `leave` bytes (roughly: tmpfs counts pages)."""
-    filler = disk / "filler"
-    stats = os.statvfs(disk)
-    filler.write_bytes(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave))
-    return filler
-
-
 def test_a_short_write_on_a_full_disk_is_taken_back(small_disk: Path) -> None:
     path = small_disk / "spool"
     spool = opened(path)
     first = events(5)
     spool.append(first)
-    filler = fill(small_disk, leave=0)
+    filler = fill_disk(small_disk)
     with pytest.raises(OSError):
         spool.append(events(400, "bob"))  # far more than the space left: cut short, then ENOSPC
     size = segment(path).stat().st_size

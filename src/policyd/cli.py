@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -110,13 +111,61 @@ def serve(config_path: str, foreground: bool) -> None:
 
 @main.command("check-config")
 @config_option
-def check_config(config_path: str) -> None:
+@click.option(
+    "--connect",
+    is_flag=True,
+    help="Also try the database (read, the schema, a test row written and rolled back) and the spool, for real.",
+)
+@click.option(
+    "--as-user",
+    metavar="USER",
+    help="Make the --connect checks as this user (the service's, e.g. policyd): root only.",
+)
+def check_config(config_path: str, connect: bool, as_user: str | None) -> None:
     """Check the configuration file and print the effective settings (password masked)."""
+    if as_user is not None:
+        sys.exit(_as_user(as_user, ["check-config", "--connect", "-c", config_path]))
     settings = load_or_exit(config_path)
     width = max(len(key) for key, _ in settings.describe())
     for key, value in settings.describe():
         click.echo(f"{key:<{width}}  {value}")
     click.echo("configuration OK")
+    if connect:
+        from policyd.checks import check_database, check_spool
+
+        results = [asyncio.run(check_database(settings)), check_spool(settings.spool)]
+        for line, _ in results:
+            click.echo(line)
+        if not all(ok for _, ok in results):
+            sys.exit(1)
+
+
+def _as_user(name: str, arguments: list[str]) -> int:
+    """Run this policyd command as user `name` (its groups too); its exit status."""
+    import pwd
+    import subprocess
+
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        click.echo(f"policyd: no user {name!r} on this system", err=True)
+        return 2
+    if os.geteuid() != 0:
+        click.echo("policyd: --as-user needs root", err=True)
+        return 2
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "policyd", *arguments],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=os.getgrouplist(name, user.pw_gid),
+            env={**os.environ, "HOME": user.pw_dir},
+            check=False,
+        ).returncode
+    except OSError as error:
+        # E.g. this Python lives where that user may not go (a virtualenv under /root).
+        click.echo(f"policyd: cannot run {sys.executable} as {name}: {error.strerror or error}", err=True)
+        return 2
 
 
 @main.command()

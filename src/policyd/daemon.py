@@ -153,6 +153,7 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await writer.close(timeout=max(FLUSH_SECONDS, settings.db_timeout))
+            outage.settle_now()
             await storage.close()
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:

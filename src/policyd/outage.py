@@ -23,6 +23,9 @@ T = TypeVar("T")
 
 # While the database stays unavailable, a reminder this often (never a line per request).
 INCIDENT_REMINDER_SECONDS = 60.0
+# An incident ends once the database has worked this long: a database that fails every
+# other write (a disk at its last megabytes) is one incident, not hundreds.
+SETTLE_SECONDS = 1.0
 
 
 def describe_error(error: BaseException) -> str:
@@ -58,6 +61,7 @@ class Outage:
         self._last_log = 0.0
         self._retry_at = 0.0
         self._at_start: dict[str, int] = {}
+        self._ending: asyncio.TimerHandle | None = None  # the end, once SETTLE_SECONDS have passed
 
     def should_try(self) -> bool:
         """Whether to wait on the database now (not within db_retry of a failure)."""
@@ -91,6 +95,9 @@ class Outage:
 
     def failed(self, error: BaseException, kind: str) -> None:
         now = time.monotonic()
+        if self._ending is not None:
+            self._ending.cancel()  # not settled: the same incident goes on
+            self._ending = None
         self._retry_at = now + self.retry_seconds
         self.reason = describe_error(error)
         hint = error.hint if isinstance(error, StorageError) else None
@@ -132,15 +139,32 @@ class Outage:
         """A database operation worked: the end of the incident, if it proves enough.
 
         A write ends it once nothing waits in the spool (else the replay ends it, once
-        caught up, with the count); a read only ends an incident in which no write failed.
+        caught up, with the count); a read only ends an incident in which no write failed;
+        either way only after SETTLE_SECONDS without a failure.
         """
         if not self.active or not self.spool_empty():
             return
         if kind == "read" and self.write_failed:
             return
+        if self._ending is None:
+            self._ending = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._settled)
+
+    def _settled(self) -> None:
+        # Caught up once, and no failure since: over (new events behind it are normal).
+        self._ending = None
         self.ended()
 
+    def settle_now(self) -> None:
+        """Stopping: an incident about to end ends now (its line is not lost)."""
+        if self._ending is not None:
+            self._ending.cancel()
+            self._ending = None
+            self.ended()
+
     def ended(self) -> None:
+        if self._ending is not None:
+            self._ending.cancel()
+            self._ending = None
         if not self.active:
             return
         self.active = False

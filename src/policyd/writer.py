@@ -482,7 +482,10 @@ class EventWriter:
                 await self._in_journal_thread(self.spool.sync)
             except OSError as error:
                 log.debug("syncing the spool: %s", error)
-            if self.stats.events_written == written or self.outage.active:
+            # During an outage too: while the spool is replayed (the outage lasts until it
+            # is), and when the write-ahead log itself filled the disk, a checkpoint is
+            # what lets SQLite reuse it.
+            if self.stats.events_written == written and not self.outage.active:
                 continue
             try:
                 async with asyncio.timeout(SYNC_INTERVAL_SECONDS * 10):

@@ -226,6 +226,11 @@ class Storage(abc.ABC):
         return None
 
     @abc.abstractmethod
+    async def probe_write(self) -> None:
+        """Write one row in a transaction that is rolled back: raises StorageError (with
+        its hint) if this user may not write the table.  For `check-config --connect`."""
+
+    @abc.abstractmethod
     async def max_event_id(self) -> int:
         """The highest row id in the table (0 when empty)."""
 

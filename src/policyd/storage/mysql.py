@@ -1224,6 +1224,20 @@ class MySQLStorage(Storage):
             if batch < batch_rows:
                 return deleted
 
+    async def probe_write(self) -> None:
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cursor:
+                await cursor.execute("START TRANSACTION")
+                try:
+                    await cursor.execute(
+                        f"INSERT INTO {_q(self.table)} (sasl_username, sender, client_address, recipient_count) "
+                        "VALUES ('policyd-probe', '', '', 0)"
+                    )
+                finally:
+                    await cursor.execute("ROLLBACK")
+
+        await self._run("writing a test row (rolled back)", run, retry_safe=True)
+
     async def count_events(self) -> int:
         async def run(conn: Any) -> int:
             async with conn.cursor() as cursor:

@@ -800,6 +800,23 @@ class PostgreSQLStorage(Storage):
             if count < batch_rows:
                 return deleted
 
+    async def probe_write(self) -> None:
+        class _RolledBack(Exception):
+            pass
+
+        async def probe(connection: Any) -> None:
+            try:
+                async with connection.transaction():
+                    await connection.execute(
+                        f"INSERT INTO {self._t} (ts, sasl_username, sender, client_address, recipient_count) "
+                        "VALUES (now(), 'policyd-probe', '', '', 0)"
+                    )
+                    raise _RolledBack
+            except _RolledBack:
+                pass
+
+        await self._run("writing a test row (rolled back)", probe)
+
     async def count_events(self) -> int:
         async def count(connection: Any) -> int:
             return int(await connection.fetchval(f"SELECT COUNT(*) FROM {self._t}"))

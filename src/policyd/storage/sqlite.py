@@ -55,6 +55,10 @@ T = TypeVar("T")
 # How long SQLite itself waits on a lock held by another process (policyd purge, say)
 # before failing.  The daemon bounds its own wait separately (db_timeout).
 BUSY_TIMEOUT_SECONDS = 5.0
+# The write-ahead log's size on disk once reused (see open()), and the size past which
+# the writer checkpoints it itself (see _checkpoint_if_big).
+WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+WAL_CHECKPOINT_BYTES = 8 * 1024 * 1024
 
 # ts (text) as milliseconds since the epoch: julianday() parses it in C; the double it
 # returns is exact to well under a millisecond, so rounding gives the stored value.
@@ -219,6 +223,9 @@ class SQLiteStorage(Storage):
             await writer.run(lambda c: c.execute("PRAGMA journal_mode=WAL").fetchone(), what)
             await writer.run(lambda c: c.execute("PRAGMA synchronous=NORMAL"), what)
             await writer.run(lambda c: c.execute("PRAGMA wal_autocheckpoint=0"), what)
+            # Once checkpointed, the write-ahead log is cut back to this when reused: a
+            # burst (a spool replayed) does not keep its size on disk.
+            await writer.run(lambda c: c.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}"), what)
             await reader.open(self.path, what)
         except BaseException:
             await writer.close()
@@ -351,8 +358,21 @@ class SQLiteStorage(Storage):
                     connection.execute(sql, values)
 
             _in_transaction(connection, all_chunks)
+            self._checkpoint_if_big(connection)
 
         await self._write(insert, "recording events")
+
+    def _checkpoint_if_big(self, connection: sqlite3.Connection) -> None:
+        """A checkpoint now, from the writer, if the write-ahead log has grown past
+        WAL_CHECKPOINT_BYTES: the one a second (sync_to_disk) cannot keep up with a
+        replay, and a log left to fill the disk could never be checkpointed (that needs
+        room in the database file)."""
+        try:
+            if os.path.getsize(f"{self.path}-wal") < WAL_CHECKPOINT_BYTES:
+                return
+            connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except (OSError, sqlite3.Error):
+            pass  # not a failed write: the next batch or sync_to_disk tries again
 
     def _check_file(self) -> None:
         """Raise DatabaseReplaced if the path no longer names the file opened (one stat,
@@ -372,6 +392,18 @@ class SQLiteStorage(Storage):
         """Copy what the WAL holds into the database file and fsync both (from the reader
         connection: the writer goes on meanwhile)."""
         await self._read(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone(), "syncing to disk")
+
+    async def probe_write(self) -> None:
+        sql = f"INSERT INTO {self.table} (ts, sasl_username, sender, client_address, recipient_count) VALUES (?, ?, ?, ?, ?)"
+
+        def probe(connection: sqlite3.Connection) -> None:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.execute(sql, (format_ts(datetime.now(UTC)), "policyd-probe", "", "", 0))
+            finally:
+                connection.execute("ROLLBACK")
+
+        await self._write(probe, "writing a test row (rolled back)")
 
     async def max_event_id(self) -> int:
         sql = f"SELECT MAX(rowid) FROM {self.table}"
