@@ -436,7 +436,8 @@ def profile_run(policyd: Policyd, args: argparse.Namespace, workdir: Path) -> di
     return summarise_profile(raw)
 
 
-# Parts of the code, by the functions a sample is in (the outermost that matches wins).
+# Parts of the code, by the functions a sample is in (the innermost that matches wins:
+# the log line of a decision counts as logging, the spool append of the writer as spool).
 PROFILE_PARTS = (
     ("parsing", ("RequestParser.", "parse_request", "_parse_checking")),
     ("logging", ("Decider._log_counted", "info", "Logger.", "SyslogHandler")),
@@ -469,7 +470,7 @@ def summarise_profile(raw: Path) -> dict[str, float]:
         total += int(count)
         frames = [frame.split(" (")[0] for frame in stack.split(";")]
         part = "event loop, sockets, threads"
-        for frame in frames:
+        for frame in reversed(frames):
             found = next((name for name, keys in PROFILE_PARTS if frame.startswith(keys)), None)
             if found:
                 part = found

@@ -19,6 +19,7 @@ commit) is not counted by daemons already running; they count it at their next s
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from collections import deque
 from collections.abc import Callable
@@ -115,9 +116,12 @@ class WindowSync:
             )
         now_ms = to_ms(now)
         events = 0
-        for history in histories:
+        users = len(histories)
+        while histories:
+            history = histories.pop()  # each user's lists freed as soon as they are in
             self.window.load(history.sasl_username, history.times, history.counts, history.codes, now_ms)
             events += len(history.times)
+        give_back_freed_memory()
         # Spooled by an earlier run and also in the database (a write that committed
         # after it was given up on): counted from the database, so taken back here.
         taken_back = 0
@@ -139,7 +143,7 @@ class WindowSync:
         log.info(
             "window loaded in %.1fs: %d users, %d events of the last %s%s",
             time.monotonic() - started,
-            len(histories),
+            users,
             events,
             _span_text(self.window.longest),
             f" ({taken_back} spooled events were in the database already)" if taken_back else "",
@@ -313,6 +317,17 @@ class WindowSync:
             except Exception:
                 # A bug: say so, keep tailing (the window may lag; mail flows).
                 log.exception("reading other daemons' events failed unexpectedly")
+
+
+def give_back_freed_memory() -> None:
+    """Return to the system what the load freed (its lists of every event, read at
+    once): glibc keeps freed memory for reuse otherwise, and the daemon's size would
+    stay that of its start."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the memory stays reusable, that is all
 
 
 def _span_text(milliseconds: int) -> str:
