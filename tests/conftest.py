@@ -128,12 +128,14 @@ async def count_rows(url: str, table: str = "events") -> int:
         await store.close()
 
 
-def execute_admin_sql(request: pytest.FixtureRequest, url: str, sql: str) -> None:
-    """Run `sql` on the database of `url` as its administrator (SQLite: the file)."""
+def execute_admin_sql(request: pytest.FixtureRequest | None, url: str, sql: str) -> None:
+    """Run `sql` on the database of `url` as its administrator (SQLite: the file; a
+    server needs the test's `request`, to find its fixture)."""
     if url.startswith("sqlite://"):
         with contextlib.closing(sqlite3.connect(url[len("sqlite://") :], isolation_level=None)) as connection:
             connection.executescript(sql)
         return
+    assert request is not None, "a database server's fixture is found through the test's request"
     backend = "mariadb" if url.startswith("mysql") else "postgresql"
     server: Any = request.getfixturevalue(f"{backend}_server")
     server.admin_execute(sql, server.database)

@@ -170,3 +170,30 @@ async def test_sqlite_and_spool_on_one_full_disk(tmp_path: Path, caplog: pytest.
     ends = caplog.text.count("database is back after")
     assert starts == ends == 1, (starts, ends)
     assert f"{dropped} events dropped" in caplog.text
+
+
+async def test_another_sqlite_file_put_at_the_path_is_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "policyd")
+    path = tmp_path / "policyd.sqlite"
+    url = f"sqlite://{path}"
+    async with run_daemon(make_settings(url, quota=30, reject_quota=60, db_retry=0.3)) as daemon:
+        client = await daemon.client()
+        for _ in range(5):
+            assert await client.ask(recipient_count=2) == "DUNNO"
+        await wait_for_rows(url, "events", 5)
+        # A restore: the admin puts an older copy (here: an empty database) in its place.
+        restored = tmp_path / "restored.sqlite"
+        execute_admin_sql(None, f"sqlite://{restored}", "CREATE TABLE keep_me (x INTEGER)")
+        os.replace(restored, path)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        answers = [await client.ask(recipient_count=2) for _ in range(5)]
+        assert answers == ["DUNNO"] * 5  # 10 + 10: the window still counts what it held
+        await wait_for_rows(url, "events", 5)  # the 5 since: in the file now at the path
+        assert daemon.daemon.stats.events_dropped == 0
+        await client.close()
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert sum("another file was put there" in line for line in errors) == 1, errors
+    assert sum("using the file now there" in line for line in errors) == 1, errors
