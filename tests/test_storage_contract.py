@@ -335,3 +335,22 @@ async def test_load_window_keeps_each_events_values_together(storage: Storage) -
         (13, 0),
     ]
     assert set(history.times) == {ms(NOW)}
+
+
+async def test_queue_ids_of_one_user(storage: Storage) -> None:
+    def held(user: str, queue_id: str, age: timedelta = timedelta(0)) -> Event:
+        return Event(NOW - age, user, f"{user}@example.org", "192.0.2.1", 1, Outcome.HOLD, queue_id=queue_id)
+
+    await storage.add_events(
+        [
+            held("alice", "4AB12"),
+            held("alice", "4AB13"),
+            held("alice", "4AB13"),  # one message, two events (a retry): one id
+            held("alice", ""),  # none sent (a request before END-OF-MESSAGE)
+            held("alice", "OLD1", timedelta(days=3)),
+            held("bob", "B0B01"),
+        ]
+    )
+    assert await storage.queue_ids("alice", NOW - timedelta(days=1)) == {"4AB12", "4AB13"}
+    assert await storage.queue_ids("alice", NOW - timedelta(days=7)) == {"4AB12", "4AB13", "OLD1"}
+    assert await storage.queue_ids("carol", NOW - timedelta(days=7)) == set()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -13,6 +15,7 @@ import click
 
 from policyd import __version__
 from policyd.config import DEFAULT_CONFIG_PATH, KEYS, ConfigError, Settings, load_settings, parse_duration
+from policyd.held import HeldMessage, PostfixError, held_messages, postsuper
 from policyd.logs import printable, setup_logging
 from policyd.storage import Storage, StorageError, create_storage
 
@@ -242,3 +245,155 @@ def _duration_or_exit(text: str) -> timedelta:
         return parse_duration(text)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+
+
+# -- held mail ------------------------------------------------------------------------
+
+_postfix_config_option = click.option(
+    "--postfix-config",
+    "postfix_config",
+    metavar="DIR",
+    envvar="POLICYD_POSTFIX_CONFIG",
+    help="Postfix's configuration directory, for postqueue and postsuper -c (default: Postfix's own).",
+)
+
+
+def _held_of(settings: Settings, user: str, postfix_config: str | None) -> list[HeldMessage]:
+    """The user's messages in the hold queue: recorded by policyd (within `retention`)
+    and confirmed by postqueue."""
+    from policyd.clock import utc_now
+
+    user = user.lower()
+    recorded = with_storage(settings, lambda storage: storage.queue_ids(user, utc_now() - settings.retention))
+    try:
+        return held_messages(recorded, postfix_config)
+    except PostfixError as error:
+        click.echo(f"policyd: {error}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@config_option
+@_postfix_config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+@click.argument("user")
+def held(config_path: str, postfix_config: str | None, as_json: bool, user: str) -> None:
+    """List USER's messages in Postfix's hold queue (sender, recipients, time)."""
+    settings = load_or_exit(config_path)
+    messages = _held_of(settings, user, postfix_config)
+    if as_json:
+        for message in messages:
+            click.echo(json.dumps(message.as_json()))
+        return
+    if not messages:
+        click.echo(f"no held mail of {printable(user)}")
+        return
+    click.echo(f"{'queue id':<16}  {'arrived (UTC)':<19}  {'recipients':>10}  sender")
+    for message in messages:
+        arrived = f"{message.arrived:%Y-%m-%d %H:%M:%S}" if message.arrived else "?"
+        click.echo(
+            f"{message.queue_id:<16}  {arrived:<19}  {message.recipients:>10}  {printable(message.sender)}"
+        )
+    click.echo(f"{len(messages)} held messages, {sum(m.recipients for m in messages)} recipients")
+
+
+def _act_on_held(
+    *,
+    config_path: str,
+    postfix_config: str | None,
+    user: str,
+    queue_ids: tuple[str, ...],
+    every: bool,
+    dry_run: bool,
+    option: str,
+    verb: str,
+) -> None:
+    if every == bool(queue_ids):
+        raise click.UsageError("give either --all or the queue ids (see: policyd held USER)")
+    settings = load_or_exit(config_path)
+    messages = _held_of(settings, user, postfix_config)
+    theirs = {message.queue_id for message in messages}
+    chosen = sorted(theirs) if every else list(dict.fromkeys(queue_ids))
+    foreign = [queue_id for queue_id in chosen if queue_id not in theirs]
+    if foreign:
+        click.echo(
+            f"policyd: not held mail of {printable(user)}, nothing done: {', '.join(map(printable, foreign))} "
+            "(see: policyd held USER)",
+            err=True,
+        )
+        sys.exit(2)
+    if not chosen:
+        click.echo(f"no held mail of {printable(user)}")
+        return
+    if dry_run:
+        click.echo(f"would {verb} {len(chosen)} held messages of {printable(user)}: {' '.join(chosen)}")
+        return
+    try:
+        said = postsuper(option, chosen, postfix_config)
+    except PostfixError as error:
+        click.echo(f"policyd: {error}", err=True)
+        sys.exit(1)
+    setup_logging(foreground=False, level="info", syslog_socket=settings.syslog_socket)
+    log_line = (
+        f"{verb}d {len(chosen)} held messages of {printable(user)} (postsuper {option}): {' '.join(chosen)}"
+    )
+    logging.getLogger("policyd").warning("%s", log_line)
+    click.echo(said or log_line)
+
+
+@main.command()
+@config_option
+@_postfix_config_option
+@click.option("--all", "every", is_flag=True, help="Every held message of USER.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be released.")
+@click.argument("user")
+@click.argument("queue_ids", nargs=-1)
+def release(
+    *,
+    config_path: str,
+    postfix_config: str | None,
+    every: bool,
+    dry_run: bool,
+    user: str,
+    queue_ids: tuple[str, ...],
+) -> None:
+    """Release USER's held mail (postsuper -H): --all, or the QUEUE_IDS given."""
+    _act_on_held(
+        config_path=config_path,
+        postfix_config=postfix_config,
+        user=user,
+        queue_ids=queue_ids,
+        every=every,
+        dry_run=dry_run,
+        option="-H",
+        verb="release",
+    )
+
+
+@main.command()
+@config_option
+@_postfix_config_option
+@click.option("--all", "every", is_flag=True, help="Every held message of USER.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
+@click.argument("user")
+@click.argument("queue_ids", nargs=-1)
+def delete(
+    *,
+    config_path: str,
+    postfix_config: str | None,
+    every: bool,
+    dry_run: bool,
+    user: str,
+    queue_ids: tuple[str, ...],
+) -> None:
+    """Delete USER's held mail (postsuper -d): --all, or the QUEUE_IDS given."""
+    _act_on_held(
+        config_path=config_path,
+        postfix_config=postfix_config,
+        user=user,
+        queue_ids=queue_ids,
+        every=every,
+        dry_run=dry_run,
+        option="-d",
+        verb="delete",
+    )

@@ -18,6 +18,7 @@ import re
 import shlex
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -454,6 +455,69 @@ def test_released_held_mail_is_delivered_and_still_counts(
     daemon.wait_log(r"REJECTING overquota \(20>20\) for user alice ")
     daemon.wait_log(r"DEFERRING overquota \(14>10\) for user alice ")
     assert_clean_policyd_log(daemon)
+
+
+def test_held_release_delete_touch_only_the_users_own_mail(
+    policyd: PolicydFactory, postfix_rig: RigFactory
+) -> None:
+    """policyd held / release / delete: the user's held mail, from the queue ids policyd
+    recorded and postqueue confirms; anyone else's is refused, and nothing is done."""
+    daemon, rig = start_with_doc_config(policyd, postfix_rig, "end-of-data")
+    assert send(rig, "alice", 10, tag="first").accepted  # 10: held
+    alice_ids = [send(rig, "alice", 1, tag=f"a{n}").queue_id or "" for n in range(3)]  # 11..13: held
+    assert send(rig, "bob", 10, tag="bob").accepted  # bob's, held too
+    rig.wait_queue(lambda queue: len([m for m in queue if m.queue_name == "hold"]) == 5)
+    first_id, bob_id = (
+        next(m.queue_id for m in rig.held() if m.sender == f"{user}@example.org" and len(m.recipients) == 10)
+        for user in ("alice", "bob")
+    )
+
+    def policyd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "policyd",
+                *args,
+                "-c",
+                str(daemon.config_path),
+                "--postfix-config",
+                str(rig.config_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = policyd_cli("held", "alice", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert {entry["queue_id"] for entry in entries} == {first_id, *alice_ids}
+    assert sorted(entry["recipients"] for entry in entries) == [1, 1, 1, 10]
+    assert {entry["sender"] for entry in entries} == {"alice@example.org"}
+    table = policyd_cli("held", "alice")
+    assert table.stdout.splitlines()[-1] == "4 held messages, 13 recipients"
+
+    # bob's message is not alice's to touch: refused, and nothing is done at all.
+    refused = policyd_cli("delete", "alice", alice_ids[0], bob_id)
+    assert refused.returncode == 2
+    assert f"not held mail of alice, nothing done: {bob_id}" in refused.stderr
+    assert len(rig.held()) == 5
+
+    dry = policyd_cli("delete", "alice", "--all", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.startswith("would delete 4 held messages of alice: ")
+    assert len(rig.held()) == 5
+
+    deleted = policyd_cli("delete", "alice", alice_ids[0])
+    assert deleted.returncode == 0, deleted.stderr
+    assert {m.queue_id for m in rig.held()} == {first_id, bob_id, *alice_ids[1:]}
+    released = policyd_cli("release", "alice", "--all")
+    assert released.returncode == 0, released.stderr
+    assert {m.queue_id for m in rig.held()} == {bob_id}
+    rig.flush()
+    rig.wait_delivered(2)  # the 10 and the last two: the released ones
+    assert policyd_cli("held", "alice").stdout == "no held mail of alice\n"
+    assert {m.queue_id for m in rig.held()} == {bob_id}
 
 
 # ---------------------------------------------------------------------------------------

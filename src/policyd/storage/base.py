@@ -226,6 +226,11 @@ class Storage(abc.ABC):
         return None
 
     @abc.abstractmethod
+    async def queue_ids(self, sasl_username: str, since: datetime) -> set[str]:
+        """The Postfix queue ids recorded with the user's events at or after `since`
+        (`policyd held`: the only messages its release and delete may touch)."""
+
+    @abc.abstractmethod
     async def probe_write(self) -> None:
         """Write one row in a transaction that is rolled back: raises StorageError (with
         its hint) if this user may not write the table.  For `check-config --connect`."""

@@ -1167,6 +1167,26 @@ class MySQLStorage(Storage):
 
         return await self._run("looking up event ids", run, retry_safe=True)
 
+    async def queue_ids(self, sasl_username: str, since: datetime) -> set[str]:
+        async def run(conn: Any) -> set[str]:
+            layout = await self._layout_of(conn)
+            if "queue_id" not in layout.columns:
+                return set()  # go-policyd's table, not migrated: none recorded
+            if layout.has_user_key:
+                user_sql, user_params = f"user_key = {_user_key_sql('%s')}", [sasl_username] * 4
+            else:
+                user_sql, user_params = "sasl_username = %s", [sasl_username]
+            async with conn.cursor() as cursor:
+                await cursor.execute(
+                    f"SELECT DISTINCT queue_id FROM {_q(self.table)} WHERE {user_sql} AND ts >= %s "
+                    "AND queue_id IS NOT NULL AND queue_id != ''",
+                    [*user_params, format_ts(since)],
+                )
+                rows = await cursor.fetchall()
+            return {_text(row[0]) for row in rows}
+
+        return await self._run("reading queue ids", run, retry_safe=True)
+
     async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
         bound = format_ts(since)
 

@@ -753,6 +753,21 @@ class PostgreSQLStorage(Storage):
 
         return await self._run("looking up event ids", find)
 
+    async def queue_ids(self, sasl_username: str, since: datetime) -> set[str]:
+        sql = (
+            f"SELECT DISTINCT queue_id FROM {self._t} WHERE sasl_username = $1 AND ts >= $2::timestamptz "
+            "AND queue_id IS NOT NULL AND queue_id <> ''"
+        )
+
+        async def read(connection: Any) -> set[str]:
+            try:
+                rows = await connection.fetch(sql, sasl_username, _ms(since))
+            except asyncpg.UndefinedColumnError:
+                return set()  # go-policyd's table, not migrated: none recorded
+            return {str(row[0]) for row in rows}
+
+        return await self._run("reading queue ids", read)
+
     async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
         since = _ms(since)
         sql = (

@@ -475,6 +475,16 @@ class SQLiteStorage(Storage):
 
         return await self._read(find, "looking up event ids")
 
+    async def queue_ids(self, sasl_username: str, since: datetime) -> set[str]:
+        sql = (
+            f"SELECT DISTINCT queue_id FROM {self.table} "
+            "WHERE sasl_username = ? AND ts >= ? AND queue_id IS NOT NULL AND queue_id != ''"
+        )
+        rows = await self._read(
+            lambda c: c.execute(sql, (sasl_username, format_ts(since))).fetchall(), "reading queue ids"
+        )
+        return {str(row[0]) for row in rows}
+
     async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
         sql = (
             "SELECT sasl_username, SUM(recipient_count), COUNT(*), "
