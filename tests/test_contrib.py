@@ -163,7 +163,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = _systemd_analyze()
     copy = _unit_copy(tmp_path)
     # Documentation= names policyd(8): verify runs man on it, so put the generated page on MANPATH.
-    manpages.write_pages(tmp_path / "man" / "man8")
+    manpages.write_pages(tmp_path / "man")
     env = {**os.environ, "MANPATH": f"{tmp_path / 'man'}:"}
     result = subprocess.run(
         [analyze, "verify", str(copy)],

@@ -3,7 +3,8 @@
 policyd(8) is made from the click commands (their help and options, as `--help` shows
 them) and policyd.cfg(5) from the key table that `policyd config-keys` prints, so the
 pages cannot say something the program does not.  The Debian package runs
-``python -m policyd.manpages DIR`` at build time; so can anyone with a wheel.
+``python -m policyd.manpages DIR`` at build time; so can anyone with a wheel, e.g.
+``python -m policyd.manpages /usr/local/share/man``.
 """
 
 from __future__ import annotations
@@ -167,10 +168,11 @@ def config_page() -> str:
 
 
 def write_pages(directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write both pages under `directory` as man expects them (man8/policyd.8, man5/policyd.cfg.5)."""
     written = []
     for name, text in zip(PAGE_NAMES, (policyd_page(), config_page()), strict=True):
-        path = directory / name
+        path = directory / f"man{name.rsplit('.', 1)[1]}" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     return written
