@@ -23,6 +23,13 @@ from tests.conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "policyd-rcpt-quota"
+# As docs/install.md says it (test_install_doc_has_the_tested_commands keeps them equal).
+INSTALL = "apt-get install ./dist/policyd-rcpt-quota_*_amd64.deb"
+# Postfix is only recommended (the machine has no network to fetch it).
+APT_FLAGS = "--yes --no-install-recommends"
+GO_POLICYD_HOST_INSTALL = (
+    "apt-get -o Dpkg::Options::=--force-confold install ./dist/policyd-rcpt-quota_*_amd64.deb"
+)
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -57,6 +64,18 @@ def test_one_version_everywhere() -> None:
     command = run(VENV_BIN / "policyd", "--version").strip()
     assert command == f"policyd, version {__version__}"
     assert changelog_version() == __version__ == match.group(1)
+
+
+def test_install_doc_has_the_tested_commands() -> None:
+    text = (ROOT / "docs" / "install.md").read_text()
+    for command in (
+        INSTALL,
+        GO_POLICYD_HOST_INSTALL,
+        f"apt-get remove {PACKAGE}",
+        f"apt-get purge {PACKAGE}",
+    ):
+        assert re.search(rf"(?m)^{re.escape(command)}(\s|$)", text), command
+    assert "scripts/build-deb" in text and "systemctl enable --now policyd" in text
 
 
 def test_licence_file_and_metadata_say_mit() -> None:
@@ -221,7 +240,8 @@ def machine(debian_package: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     depends = run("dpkg-deb", "--field", debian_package, "Depends")
     names = [re.sub(r"\s*\(.*\)", "", part).strip() for part in depends.split(",")]
     debroot.make_root(directory / "root", names)
-    shutil.copy(debian_package, directory / "root" / "root" / debian_package.name)
+    (directory / "root" / "root" / "dist").mkdir()
+    shutil.copy(debian_package, directory / "root" / "root" / "dist" / debian_package.name)
     booted = debroot.BootedRoot(directory / "root", f"policyd-test-{os.getpid()}", directory / "console.log")
     try:
         booted.start()
@@ -274,9 +294,9 @@ def events_in_database(machine: debroot.BootedRoot) -> int:
 @pytest.mark.slow
 @pytest.mark.packaging
 def test_deb_on_debian_12_under_systemd(machine: debroot.BootedRoot, debian_package: Path) -> None:
-    deb = f"/root/{debian_package.name}"
+    deb = f"/root/dist/{debian_package.name}"
     # Installed by apt, which resolves the dependencies; disabled and stopped (README.Debian).
-    machine.run("apt-get", "install", "--yes", "--no-install-recommends", deb, timeout=300)
+    machine.run("sh", "-c", f"cd /root && {INSTALL} {APT_FLAGS}", timeout=300)
     assert machine.run("systemctl", "is-enabled", "policyd", check=False).stdout.strip() == "disabled"
     assert machine.run("systemctl", "is-active", "policyd", check=False).stdout.strip() == "inactive"
     assert machine.run("policyd", "--version").stdout.strip() == f"policyd, version {__version__}"
@@ -352,3 +372,18 @@ def test_deb_on_debian_12_under_systemd(machine: debroot.BootedRoot, debian_pack
     assert machine.run("dpkg-query", "-W", PACKAGE, check=False).returncode != 0
     # The system user stays, as Debian does (README.Debian).
     machine.run("getent", "passwd", "policyd")
+
+    # A go-policyd host (docs/install.md): its policyd.cfg, in go-policyd's own style, is
+    # kept (--force-confold answers dpkg's question as N does), and read as it is.
+    go_policyd = "port=9093\nbind=127.0.0.1\ndefaultquota=5\n# usesyslog=yes\nwhitelist=nobody\n"
+    machine.run("mkdir", "-p", "/etc/postfix")
+    machine.run("tee", "/etc/postfix/policyd.cfg", input=go_policyd)
+    machine.run("sh", "-c", f"cd /root && {GO_POLICYD_HOST_INSTALL} {APT_FLAGS}", timeout=300)
+    assert machine.run("cat", "/etc/postfix/policyd.cfg").stdout == go_policyd
+    assert (
+        machine.run("stat", "-c", "%U:%G %a", "/etc/postfix/policyd.cfg").stdout.strip() == "root:policyd 640"
+    )
+    machine.run("test", "-s", "/etc/postfix/policyd.cfg.dpkg-dist")
+    machine.run("systemctl", "enable", "--now", "policyd")
+    wait_active(machine)
+    assert ask(machine, "erin", 5) == "action=HOLD quota exceeded"
