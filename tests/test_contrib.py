@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from policyd import manpages
 from policyd.config import DEFAULT_CONFIG_PATH, Settings
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
@@ -161,8 +162,17 @@ def _unit_copy(tmp_path: Path) -> Path:
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = _systemd_analyze()
     copy = _unit_copy(tmp_path)
+    # Documentation= names policyd(8): verify runs man on it, so put the generated page on MANPATH.
+    manpages.write_pages(tmp_path / "man")
+    env = {**os.environ, "MANPATH": f"{tmp_path / 'man'}:"}
     result = subprocess.run(
-        [analyze, "verify", str(copy)], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path
+        [analyze, "verify", str(copy)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
