@@ -41,6 +41,8 @@ IDLE_TIMEOUT_SECONDS = 5.0
 WRITE_TIMEOUT_SECONDS = 10.0
 # Requests on one connection (keep-alive) at most.
 MAX_REQUESTS_PER_CONNECTION = 100
+# Pages built at once (each may read the database); the others wait their turn.
+PAGES_AT_ONCE = 2
 # After a wrong password, the answer waits this long (on top of the hash's own cost).
 FAILED_AUTH_DELAY_SECONDS = 0.5
 
@@ -108,8 +110,14 @@ class WebListener:
 
     def __init__(self, daemon: Daemon) -> None:
         from policyd.web.health import health_response
-        from policyd.web.metrics import MetricsEndpoint
         from policyd.web.pages import Pages
+
+        try:
+            from policyd.web.metrics import MetricsEndpoint
+        except ImportError as error:
+            raise ListenError(
+                f"http_listen needs prometheus_client ({error}): pip install 'policyd[web]'"
+            ) from None
         from policyd.web.state import DatabaseViews, DecisionHistory, WindowScan
 
         self.daemon = daemon
@@ -131,11 +139,13 @@ class WebListener:
         self.refused = 0
         self._history_task: asyncio.Task[None] | None = None
         self._remembered = auth.Remembered()
+        self._remembered_for: tuple[str | None, str | None] = (None, None)
         # Password checks: one at a time, off the event loop.
         self._hasher = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="policyd-web-auth"
         )
         self._last_refusal_log = 0.0
+        self._pages = asyncio.Semaphore(PAGES_AT_ONCE)
 
     @property
     def addresses(self) -> list[str]:
@@ -262,6 +272,9 @@ class WebListener:
         if handler is None:
             return text_response(404, "not found: try / (status), /metrics or /healthz\n")
         try:
+            if request.path in {"/", "/user"}:
+                async with self._pages:  # a page reads the database: a few at a time
+                    return await handler(request)
             return await handler(request)
         except Exception:
             log.exception("http: %s %s failed", request.method, request.path[:200])
@@ -274,6 +287,10 @@ class WebListener:
         header = request.headers.get("authorization", "")
         if not header:
             return False
+        if self._remembered_for != (settings.http_user, settings.http_password_hash):
+            # Another user or password since (a reload): what was right is forgotten.
+            self._remembered = auth.Remembered()
+            self._remembered_for = (settings.http_user, settings.http_password_hash)
         if header in self._remembered:
             return True
         credentials = auth.basic_credentials(header)

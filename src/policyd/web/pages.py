@@ -27,7 +27,7 @@ from policyd.storage import Event
 from policyd.web import charts
 from policyd.web.health import check
 from policyd.web.listener import Request, Response, text_response
-from policyd.web.state import Minute, UserState
+from policyd.web.state import USER_EVENTS_MAX, Minute, UserState
 
 if TYPE_CHECKING:
     from policyd.daemon import Daemon
@@ -363,7 +363,7 @@ def _daily_section(rules: QuotaRules, events: list[Event], now: datetime) -> str
         "Recipients per day, last 7 days", bars, lines=_limit_lines(rules), unit=" recipients"
     )
     note = f"{len(events)} events" + (
-        " (the newest only: the chart may miss older days)" if len(events) >= 20_000 else ""
+        " (the newest only: the chart may miss older days)" if len(events) >= USER_EVENTS_MAX else ""
     )
     return (
         f'<section id="daily"><h2>Recipients per day <span class="note">last {HISTORY_DAYS} days, UTC days, '

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from policyd.clock import to_ms
+from policyd.clock import MILLISECOND, to_ms
 from policyd.quota import Outcome, QuotaRules
 from policyd.storage import Event, StorageError
 from policyd.storage.base import SenderStats
+from policyd.window import Sums
 
 if TYPE_CHECKING:
     from policyd.daemon import Daemon
@@ -44,8 +45,9 @@ LIST_USERS = 50
 QUERY_CACHE_SECONDS = 5.0
 # Longest a page waits for the database (it then shows what memory holds).
 QUERY_TIMEOUT_SECONDS = 2.0
-# One user's page reads at most this many of their events (the newest).
-USER_EVENTS_MAX = 20_000
+# One user's page reads at most this many of their events (the newest): about 1,400 a
+# day for 7 days, a busy account's; a bound on the work one page costs.
+USER_EVENTS_MAX = 10_000
 # Decisions per minute kept (6 hours).
 HISTORY_MINUTES = 360
 
@@ -64,10 +66,17 @@ class UserState:
     share: float  # total / HOLD threshold of that limit
 
 
-def user_state(name: str, rules: QuotaRules, totals: tuple[int, ...]) -> UserState:
+def user_state(
+    name: str, rules: QuotaRules, totals: tuple[int, ...], rejected: tuple[int, ...] | None = None
+) -> UserState:
+    """`totals`: counted recipients per limit; `rejected`: recipients rejected within each
+    limit's window.  Rejected: at the REJECT threshold, or a message rejected within the
+    window (with count_rejected = no a rejected message is not counted, so the count
+    alone would not show it); held: at the HOLD threshold; near: past NEAR_SHARE of it."""
+    rejected = rejected or (0,) * len(totals)
     worst, worst_share, worst_rank = 0, -1.0, -1
-    for index, (limit, total) in enumerate(zip(rules.limits, totals, strict=True)):
-        rank = 3 if total >= limit.reject else 2 if total >= limit.hold else 0
+    for index, (limit, total, refused) in enumerate(zip(rules.limits, totals, rejected, strict=True)):
+        rank = 3 if total >= limit.reject or refused else 2 if total >= limit.hold else 0
         share = total / limit.hold
         if rank == 0 and share >= NEAR_SHARE:
             rank = 1
@@ -128,10 +137,9 @@ class WindowScan:
                 if decider.settings.rules is not rules:
                     rules = decider.settings.rules  # reloaded meanwhile: the new limits from here
             for name in names[first : first + SCAN_CHUNK_USERS]:
-                totals = decider.totals(name, now_ms, rules)
-                if not any(totals):
+                state = self._state(name, now_ms, rules)
+                if state is None:
                     continue
-                state = user_state(name, rules, totals)
                 _keep(top, (state.share, name, state))
                 if state.state == "held":
                     held_count += 1
@@ -157,7 +165,25 @@ class WindowScan:
         decider = self.daemon.decider
         assert decider is not None
         rules = decider.settings.rules
-        return user_state(name, rules, decider.totals(name, to_ms(self.daemon.clock()), rules))
+        state = self._state(name, to_ms(self.daemon.clock()), rules)
+        return state or user_state(name, rules, (0,) * len(rules.limits))
+
+    def _state(self, name: str, now_ms: int, rules: QuotaRules) -> UserState | None:
+        """The user against the limits, from the window's sums; None if nothing is held."""
+        decider = self.daemon.decider
+        assert decider is not None
+        window = decider.window
+        sums = window.sums(name, now_ms)
+        spans = window.spans
+        by_limit = []
+        for limit in rules.limits:
+            span = limit.window // MILLISECOND
+            by_limit.append(sums[spans.index(span)] if span in spans else Sums())
+        totals = tuple(one.counted(rules.count_rejected) for one in by_limit)
+        rejected = tuple(one.reject for one in by_limit)
+        if not any(totals) and not any(rejected):
+            return None
+        return user_state(name, rules, totals, rejected)
 
 
 _Ranked = tuple[float, str, UserState]
