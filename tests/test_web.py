@@ -372,3 +372,11 @@ def test_decision_history_closes_minutes_and_fills_gaps() -> None:
     history.sample()
     assert len(history.minutes) == 5
     assert history.minutes[-1].start == clock.now - timedelta(minutes=1)
+
+
+def test_the_documented_password_hash_is_of_the_documented_password() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    [hashed] = [
+        line.split(" = ", 1)[1] for line in text.splitlines() if line.startswith("http_password_hash = ")
+    ]
+    assert auth.check_password("change-this-example", hashed)
