@@ -11,10 +11,11 @@ import sqlite3
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -182,6 +183,10 @@ SETTINGS_KEYS = frozenset(
         "spool_max_size",
         "allowed_clients",
         "max_connections",
+        "http_listen",
+        "http_allowed_clients",
+        "http_user",
+        "http_password_hash",
     }
 )
 
@@ -254,6 +259,41 @@ def encode_request(**attributes: Any) -> bytes:
     return "".join(f"{name}={value}\n" for name, value in base.items()).encode() + b"\n"
 
 
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    headers: dict[str, str]  # names lowercased
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+async def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> HttpAnswer:
+    """GET `url` (http://host:port/path) over a socket of its own, Connection: close."""
+    split = urlsplit(url)
+    assert split.hostname is not None and split.port is not None, url
+    target = split.path + (f"?{split.query}" if split.query else "")
+    reader, writer = await asyncio.open_connection(split.hostname, split.port)
+    try:
+        lines = [f"GET {target or '/'} HTTP/1.1", f"Host: {split.netloc}", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return HttpAnswer(int(status_line.split(" ")[1]), parsed, body)
+
+
 class RunningDaemon:
     def __init__(self, daemon: Daemon, task: asyncio.Task[None]) -> None:
         self.daemon = daemon
@@ -266,6 +306,12 @@ class RunningDaemon:
 
     async def client(self) -> PolicyClient:
         return await PolicyClient.connect(self.address)
+
+    @property
+    def web_url(self) -> str:
+        """http://host:port of the HTTP listener (http_listen)."""
+        assert self.daemon.web is not None, "started without http_listen"
+        return self.daemon.web.addresses[0]
 
     async def stop(self) -> None:
         self.daemon.stopping.set()

@@ -536,6 +536,10 @@ def test_describe_shows_every_effective_value(tmp_path: Path) -> None:
         ("retention", "30d"),
         ("log_level", "debug"),
         ("syslog_socket", "/dev/log"),
+        ("http_listen", "(off)"),
+        ("http_allowed_clients", "127.0.0.0/8, ::1/128"),
+        ("http_user", "(none: no password asked)"),
+        ("http_password_hash", "(none)"),
     ]
 
 

@@ -146,6 +146,45 @@ async def test_top_senders(storage: Storage) -> None:
     }
 
 
+async def test_user_events_newest_first_with_their_details(storage: Storage) -> None:
+    await storage.add_events(
+        [
+            Event(
+                NOW - timedelta(minutes=3),
+                "alice",
+                "a@example.org",
+                "192.0.2.1",
+                5,
+                Outcome.DUNNO,
+                queue_id="Q1",
+            ),
+            Event(NOW - timedelta(minutes=1), "alice", "b@example.org", "2001:db8::1", 7, Outcome.HOLD),
+            Event(NOW, "alice", "a@example.org", "192.0.2.1", 9, Outcome.REJECT),
+            event("bob", 50),  # another user
+            event("alice", 2, timedelta(hours=30)),  # before `since`
+        ]
+    )
+    since = NOW - timedelta(hours=24)
+    events = await storage.user_events("alice", since, 10)
+    assert [(e.ts, e.sender, e.client_address, e.recipient_count, e.outcome) for e in events] == [
+        (NOW, "a@example.org", "192.0.2.1", 9, Outcome.REJECT),
+        (NOW - timedelta(minutes=1), "b@example.org", "2001:db8::1", 7, Outcome.HOLD),
+        (NOW - timedelta(minutes=3), "a@example.org", "192.0.2.1", 5, Outcome.DUNNO),
+    ]
+    assert all(e.sasl_username == "alice" for e in events)
+    assert events[2].queue_id == "Q1"
+    assert [e.recipient_count for e in await storage.user_events("alice", since, 2)] == [9, 7]
+    assert await storage.user_events("nobody", since, 10) == []
+    assert len(await storage.user_events("alice", NOW - timedelta(days=2), 10)) == 4
+
+
+@pytest.mark.parametrize("name", ["<script>alert(1)</script>", "o'brien\"; DROP TABLE x; --", "ünï €"])
+async def test_user_events_of_a_hostile_name(storage: Storage, name: str) -> None:
+    await storage.add_events([event(name, 3), event(name + "x", 4)])
+    [found] = await storage.user_events(name, NOW - timedelta(hours=1), 10)
+    assert (found.sasl_username, found.recipient_count) == (name, 3)
+
+
 async def test_purge_deletes_only_old_events_in_batches(storage: Storage) -> None:
     await storage.add_events([event("old", 1, timedelta(days=8, seconds=i)) for i in range(120)])
     await storage.add_events([event("new", 1, timedelta(days=6, seconds=i)) for i in range(30)])

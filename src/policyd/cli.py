@@ -1,4 +1,4 @@
-"""The `policyd` command: serve, top, purge, migrate, check-config."""
+"""The `policyd` command: serve, top, purge, migrate, check-config, hash-password."""
 
 from __future__ import annotations
 
@@ -230,6 +230,25 @@ def migrate(config_path: str, dry_run: bool) -> None:
         click.echo("schema is up to date")
     for step in steps:
         click.echo(f"{'would ' if dry_run else ''}{step}")
+
+
+@main.command("hash-password")
+def hash_password() -> None:
+    """Make the http_password_hash line for the HTTP listener's basic auth.
+
+    Reads the password from standard input (asked twice on a terminal) and prints a
+    line to put in the configuration file: the hash, never the password.
+    """
+    from policyd.web.auth import hash_password as make_hash
+
+    if sys.stdin.isatty():
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        click.echo("policyd: an empty password is not a password", err=True)
+        sys.exit(2)
+    click.echo(f"http_password_hash = {make_hash(password)}")
 
 
 @main.command("config-keys")

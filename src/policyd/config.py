@@ -22,6 +22,7 @@ from urllib.parse import quote
 from policyd.quota import DEFAULT_OFFICE_HOURS, OfficeHours, QuotaRules
 from policyd.storage import mask_url
 from policyd.storage.base import check_table_name
+from policyd.web.auth import parse_password_hash
 
 DEFAULT_CONFIG_PATH = "/etc/postfix/policyd.cfg"
 DEFAULT_DATABASE = "sqlite:///var/lib/policyd/policyd.sqlite"
@@ -69,6 +70,11 @@ class Settings:
     retention: timedelta = timedelta(days=7)
     log_level: str = "info"
     syslog_socket: str = "/dev/log"
+    # The HTTP listener (web/): off unless set; loopback only unless widened.
+    http_listen: tuple[str, int] | None = None
+    http_allowed_clients: tuple[IPNetwork, ...] = DEFAULT_ALLOWED_CLIENTS
+    http_user: str | None = None
+    http_password_hash: str | None = None
     rules: QuotaRules = field(default_factory=QuotaRules)
     warnings: tuple[str, ...] = ()
 
@@ -101,6 +107,10 @@ class Settings:
             ("retention", _format_duration(self.retention)),
             ("log_level", self.log_level),
             ("syslog_socket", self.syslog_socket),
+            ("http_listen", _format_address(self.http_listen) if self.http_listen else "(off)"),
+            ("http_allowed_clients", ", ".join(str(network) for network in self.http_allowed_clients)),
+            ("http_user", self.http_user or "(none: no password asked)"),
+            ("http_password_hash", "(set)" if self.http_password_hash else "(none)"),
         ]
 
 
@@ -208,6 +218,32 @@ def parse_text(text: str) -> str:
     return text
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, or a port alone (on 127.0.0.1)."""
+    text = text.strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return "127.0.0.1", parse_port(text)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:\s]+):([0-9]+)", text)
+    if not match:
+        raise ValueError(f"{text!r} is not host:port (like 127.0.0.1:9094 or [::1]:9094)")
+    host = match.group(1) or match.group(3)
+    port = parse_port(match.group(2) or match.group(4))
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        parse_bind(host)
+    return host, port
+
+
+def parse_user(text: str) -> str:
+    if ":" in text or not text.isprintable():
+        raise ValueError("a user name for basic auth cannot hold ':' or control characters")
+    return text
+
+
 def parse_table(text: str) -> str:
     return check_table_name(text)
 
@@ -267,6 +303,19 @@ KEYS: dict[str, tuple[Any, str]] = {
     "unauthenticated_action": (parse_action, "answer for mail without sasl_username (default DUNNO)"),
     "log_level": (parse_log_level, "debug, info, warning or error (default info)"),
     "syslog_socket": (parse_text, "the local syslog daemon's socket (default /dev/log)"),
+    "http_listen": (
+        parse_listen,
+        "address:port of the HTTP listener for /metrics, /healthz and the status page (default off)",
+    ),
+    "http_allowed_clients": (
+        parse_networks,
+        "networks allowed to use the HTTP listener (default 127.0.0.0/8, ::1)",
+    ),
+    "http_user": (parse_user, "user name the HTTP listener asks for (basic auth; with http_password_hash)"),
+    "http_password_hash": (
+        parse_password_hash,
+        "hash of that user's password, from `policyd hash-password` (never the password itself)",
+    ),
 }
 REPEATABLE = frozenset({"whitelist", "blacklist"})
 # In go-policyd's sample file (commented out there); accepted so an old file keeps working.
@@ -357,8 +406,16 @@ def settings_from_text(text: str, path: str) -> Settings:
     if reject_quota < quota:
         line = line_values["rejectquota"][0]
         problems.append(f"{path}:{line}: rejectquota ({reject_quota}) is below defaultquota ({quota})")
+    if ("http_user" in values) != ("http_password_hash" in values):
+        given, missing = ("http_user", "http_password_hash")[:: 1 if "http_user" in values else -1]
+        problems.append(f"{path}:{line_values[given][0]}: {given} needs {missing} too")
     if problems:
         raise ConfigError(problems)
+    if "http_listen" in values and "http_user" not in values and not _loopback(values["http_listen"][0]):
+        warnings.append(
+            f"{path}:{line_values['http_listen'][0]}: http_listen is not on loopback and no http_user is "
+            "set: the status page shows user names to every host in http_allowed_clients"
+        )
     defaults = Settings()
     rules = QuotaRules(
         quota=quota,
@@ -389,6 +446,10 @@ def settings_from_text(text: str, path: str) -> Settings:
         retention=values.get("retention", defaults.retention),
         log_level=values.get("log_level", defaults.log_level),
         syslog_socket=values.get("syslog_socket", defaults.syslog_socket),
+        http_listen=values.get("http_listen"),
+        http_allowed_clients=values.get("http_allowed_clients", defaults.http_allowed_clients),
+        http_user=values.get("http_user"),
+        http_password_hash=values.get("http_password_hash"),
         rules=rules,
         warnings=tuple(warnings),
     )
@@ -420,6 +481,18 @@ def _permission_warnings(path: str, settings: Settings) -> list[str]:
     if mode & stat.S_IROTH:
         return [f"{path}: holds a database password but is readable by everyone (chmod o-r {path})"]
     return []
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _format_size(size: int) -> str:

@@ -35,6 +35,7 @@ from policyd.spool import Spool
 from policyd.stats import Stats
 from policyd.storage import Storage, StorageError, create_storage
 from policyd.sync import WindowSync
+from policyd.web.listener import WebListener
 from policyd.window import Window
 from policyd.writer import EventWriter
 
@@ -72,12 +73,15 @@ class Daemon:
         self.writer: EventWriter | None = None
         self.sync: WindowSync | None = None
         self.outage: Outage | None = None
+        self.storage: Storage | None = None
+        self.opened = False  # storage open and migrated (the status page may query it)
+        self.web: WebListener | None = None  # http_listen: /metrics, /healthz, the status page
         self._tasks: list[asyncio.Task[None]] = []
-        self._connect_hint: str | None = None  # why the database cannot be opened, if permanent
+        self.connect_hint: str | None = None  # why the database cannot be opened, if permanent
 
     async def run(self, ready: Callable[[Daemon], None] | None = None) -> None:
         settings = self.settings
-        storage = create_storage(settings.database, settings.table)
+        storage = self.storage = create_storage(settings.database, settings.table)
         spool = Spool(settings.spool, settings.spool_max_size)
         stats = self.stats
         outage = self.outage = Outage(settings.db_retry, stats, str(spool.path))
@@ -126,11 +130,14 @@ class Daemon:
         )
         try:
             await server.start()
+            if settings.http_listen is not None:
+                self.web = WebListener(self)
+                await self.web.start()
             self._install_signal_handlers()
             log.info(
                 "policyd %s started: listening on %s, storage %s, quota %d/%s (reject from %d)",
                 __version__,
-                ", ".join(server.addresses),
+                ", ".join(server.addresses + (self.web.addresses if self.web else [])),
                 storage.description,
                 settings.rules.quota,
                 _window_text(settings.rules.window.total_seconds()),
@@ -148,6 +155,8 @@ class Daemon:
                 stats.events_counted,
             )
         finally:
+            if self.web is not None:
+                await self.web.stop()
             await server.stop()
             for task in self._tasks:
                 task.cancel()
@@ -169,7 +178,7 @@ class Daemon:
         if self.server is None or self.writer is None or self.outage is None:
             return "starting"
         stats = self.stats
-        hint = self.outage.hint or self._connect_hint
+        hint = self.outage.hint or self.connect_hint
         if hint:
             database = f"database unavailable, deciding from memory; needs the admin: {hint}"
         elif self.outage.active:
@@ -208,7 +217,7 @@ class Daemon:
                 failures += 1
                 now = time.monotonic()
                 needs = f"; this will not pass by itself: {error.hint}" if error.hint else ""
-                self._connect_hint = error.hint  # shown by systemd STATUS
+                self.connect_hint = error.hint  # shown by systemd STATUS
                 if failures == 1:
                     first_failure = last_log = now
                     log.error(
@@ -226,9 +235,10 @@ class Daemon:
                 first_attempt.set()
                 await asyncio.sleep(self.settings.db_retry)
                 continue
-            self._connect_hint = None
+            self.connect_hint = None
             if failures:
                 log.warning("database opened after %d failed attempts", failures)
+            self.opened = True
             opened.set()
             first_attempt.set()
             return
@@ -266,6 +276,7 @@ class Daemon:
             ("socket", "socket"),
             ("spool", "spool"),
             ("spool_max_size", "spool_max_size"),
+            ("http_listen", "http_listen"),
         ):
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed, it takes effect only after a restart", reason)

@@ -132,6 +132,11 @@ class Outage:
                 figures["events_dropped"],
             )
 
+    @property
+    def permanent(self) -> bool:
+        """The last failure will not pass by itself (see StorageError.hint)."""
+        return self.hint is not None
+
     def _needs(self) -> str:
         return f"this will not pass by itself: {self.hint}; " if self.hint else ""
 

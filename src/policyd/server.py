@@ -111,8 +111,9 @@ class Connection(asyncio.Protocol):
             self._finish()
             return
         decider = self.server.decider
+        arrived = time.monotonic() if requests else 0.0  # one clock read for what arrived together
         for request in requests:
-            reply = _Reply(self)
+            reply = _Reply(self, arrived)
             self.replies.append(reply)
             try:
                 decider.submit(request, reply.fill)
@@ -229,15 +230,18 @@ class Connection(asyncio.Protocol):
 class _Reply:
     """One answer to send, once the decider has it."""
 
-    __slots__ = ("action", "connection")
+    __slots__ = ("action", "arrived", "connection")
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, arrived: float) -> None:
         self.connection = connection
+        self.arrived = arrived  # monotonic: when its request was read
         self.action: str | None = None
 
     def fill(self, verdict: Verdict) -> None:
         self.action = verdict.action
-        self.connection.send_ready()
+        connection = self.connection
+        connection.server.stats.request_seconds.observe(time.monotonic() - self.arrived)
+        connection.send_ready()
 
 
 class PolicyServer:

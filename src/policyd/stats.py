@@ -1,13 +1,66 @@
 """The daemon's counters: one object, counters that only grow, read by whoever reports.
 
 systemd's STATUS line, the outage log lines (per-incident figures are differences of
-two readings) and, later, /metrics all read the same numbers.  Nothing here resets.
+two readings), /metrics and the status page (web/) all read the same numbers.  Nothing
+here resets.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+
+# Bucket bounds (upper, inclusive) of the histograms, in seconds or events.  An answer
+# from the window takes tens of microseconds; one that waits for the spool or the
+# database, milliseconds; db_timeout (0.5 s by default) bounds the rest.
+REQUEST_SECONDS_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+WRITE_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_EVENTS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class Histogram:
+    """Observations counted in fixed buckets: one bisect and two additions each, no lock
+    (everything runs on the event loop); /metrics turns it into a Prometheus histogram."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations at or below it), the last bound infinite."""
+        running, out = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
 
 
 @dataclass
@@ -36,6 +89,10 @@ class Stats:
     strict_reads: int = 0
     connections_accepted: int = 0
     connections_refused: int = 0
+    # from a request read to its answer ready, and each database write (a batch of events)
+    request_seconds: Histogram = field(default_factory=lambda: Histogram(REQUEST_SECONDS_BUCKETS))
+    write_seconds: Histogram = field(default_factory=lambda: Histogram(WRITE_SECONDS_BUCKETS))
+    write_batch_events: Histogram = field(default_factory=lambda: Histogram(BATCH_EVENTS_BUCKETS))
 
     def reading(self) -> dict[str, int]:
         """The plain counters now (for differences over an incident)."""

@@ -142,6 +142,11 @@ class EventWriter:
         return not self._unspooled and self._read_from >= self._spooled_to
 
     @property
+    def spool_ok(self) -> bool:
+        """The spool takes events (false after it refused some: full, or unwritable)."""
+        return self._spool_ok
+
+    @property
     def backlog_bytes(self) -> int:
         """Bytes of events in the spool the database does not have yet."""
         return self.spool.pending_bytes
@@ -421,11 +426,14 @@ class EventWriter:
 
     async def _add(self, events: list[Event]) -> bool:
         # The writer ends an outage itself, once caught up and counted (_database_loop).
+        started = time.monotonic()
         written = await self.outage.attempt(
             self._add_events(events), self.settings.db_timeout, kind="write", may_end=False
         )
         if written:
             self.stats.write_batches += 1
+            self.stats.write_seconds.observe(time.monotonic() - started)
+            self.stats.write_batch_events.observe(len(events))
         return bool(written)
 
     async def _add_events(self, events: list[Event]) -> bool:

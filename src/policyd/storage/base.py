@@ -103,6 +103,14 @@ def event_row(event: Event, ts: Callable[[datetime], Any], origin: str | None) -
     )
 
 
+def outcome_of_stored(action: object) -> Outcome:
+    """The outcome of a stored `action` value (go-policyd's rows have none: DUNNO)."""
+    if isinstance(action, bytes | bytearray):
+        action = bytes(action).decode("ascii", "replace")
+    text = str(action or "").strip().upper()
+    return Outcome(text) if text in Outcome.__members__ else Outcome.DUNNO
+
+
 # Outcome codes the window-loading queries return (as window.OUTCOME_CODES).
 OUTCOME_CODE_SQL = "CASE action WHEN 'HOLD' THEN 1 WHEN 'REJECT' THEN 2 ELSE 0 END"
 # Event ids asked about in one statement at most (existing_event_ids).
@@ -260,6 +268,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
         """Users by recipients since `since`, largest first (all outcomes)."""
+
+    @abc.abstractmethod
+    async def user_events(self, sasl_username: str, since: datetime, limit: int) -> list[Event]:
+        """The user's events at or after `since`, newest first (at most `limit`), with their
+        senders and client addresses: the status page's view of one user."""
 
     @abc.abstractmethod
     async def purge(self, before: datetime, batch_rows: int = PURGE_BATCH_ROWS) -> int:

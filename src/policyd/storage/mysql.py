@@ -138,6 +138,7 @@ from policyd.storage.base import (
     TailRow,
     UserHistory,
     event_row,
+    outcome_of_stored,
     split_numbers,
     utc,
 )
@@ -1222,6 +1223,50 @@ class MySQLStorage(Storage):
                 ]
 
         return await self._run("listing top senders", run, retry_safe=True)
+
+    async def user_events(self, sasl_username: str, since: datetime, limit: int) -> list[Event]:
+        bound = format_ts(since)
+
+        async def run(conn: Any) -> list[Event]:
+            layout = await self._layout_of(conn)
+            table = _q(self.table)
+            if layout.go_policyd:
+                # Old rows have no action (all were let through), event id or queue id.
+                sql = (
+                    f"SELECT {self._ts_out_sql(layout, 'ts')}, sender, client_address, "
+                    "COALESCE(recipient_count, 0), 'DUNNO', '', '' "
+                    f"FROM {table} WHERE CONVERT(sasl_username USING utf8mb4) = %s "
+                    f"AND ts >= {self._since_sql(layout)} ORDER BY ts DESC LIMIT %s"
+                )
+                params: list[Any] = [sasl_username, bound, limit]
+            else:
+                if layout.has_user_key:
+                    user_sql, user_params = f"user_key = {_user_key_sql('%s')}", [sasl_username] * 4
+                else:
+                    user_sql, user_params = "sasl_username = %s", [sasl_username]
+                sql = (
+                    "SELECT ts, sender, client_address, recipient_count, action, event_id, queue_id "
+                    f"FROM {table} WHERE {user_sql} AND ts >= %s ORDER BY ts DESC, id DESC LIMIT %s"
+                )
+                params = [*user_params, bound, limit]
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, params)
+                rows = await cursor.fetchall()
+            return [
+                Event(
+                    _as_utc(ts),
+                    sasl_username,
+                    _text(sender),
+                    _text(client),
+                    _int(count),
+                    outcome_of_stored(action),
+                    _text(event_id),
+                    _text(queue_id),
+                )
+                for ts, sender, client, count, action, event_id, queue_id in rows
+            ]
+
+        return await self._run("reading a user's events", run, retry_safe=True)
 
     async def purge(self, before: datetime, batch_rows: int = PURGE_BATCH_ROWS) -> int:
         bound = format_ts(before)

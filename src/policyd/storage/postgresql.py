@@ -100,6 +100,7 @@ from policyd.storage.base import (
     TailRow,
     UserHistory,
     event_row,
+    outcome_of_stored,
     utc,
 )
 
@@ -794,6 +795,43 @@ class PostgreSQLStorage(Storage):
         return [
             SenderStats(str(user), int(recipients), int(messages), int(held), int(rejected), _as_utc(last))
             for user, recipients, messages, held, rejected, last in rows
+        ]
+
+    async def user_events(self, sasl_username: str, since: datetime, limit: int) -> list[Event]:
+        since = _ms(since)
+        sql = (
+            "SELECT ts, sender, client_address, recipient_count, action, event_id, queue_id "
+            f"FROM {self._t} WHERE sasl_username = $1 AND ts >= $2::timestamptz "
+            "ORDER BY ts DESC, id DESC LIMIT $3"
+        )
+        # go-policyd's table: char columns padded with spaces, no action, event or queue id.
+        legacy_sql = (
+            "SELECT ts, rtrim(sender::text, ' '), rtrim(client_address::text, ' '), "
+            "COALESCE(recipient_count, 0), 'DUNNO', '', '' "
+            f"FROM {self._t} WHERE rtrim(sasl_username::text, ' ') = $1 AND ts >= $2::timestamptz "
+            "ORDER BY ts DESC LIMIT $3"
+        )
+
+        async def read(connection: Any) -> list[Any]:
+            try:
+                rows: list[Any] = await connection.fetch(sql, sasl_username, since, limit)
+            except asyncpg.UndefinedColumnError:
+                rows = await connection.fetch(legacy_sql, sasl_username, since, limit)
+            return rows
+
+        rows = await self._run("reading a user's events", read)
+        return [
+            Event(
+                _as_utc(ts),
+                sasl_username,
+                str(sender or ""),
+                str(client or ""),
+                int(count or 0),
+                outcome_of_stored(action),
+                str(event_id or "").strip(),
+                str(queue_id or ""),
+            )
+            for ts, sender, client, count, action, event_id, queue_id in rows
         ]
 
     async def purge(self, before: datetime, batch_rows: int = PURGE_BATCH_ROWS) -> int:

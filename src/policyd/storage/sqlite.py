@@ -45,6 +45,7 @@ from policyd.storage.base import (
     TailRow,
     UserHistory,
     event_row,
+    outcome_of_stored,
     split_numbers,
     utc,
 )
@@ -499,6 +500,32 @@ class SQLiteStorage(Storage):
             SenderStats(str(user), int(recipients), int(messages), int(held), int(rejected), parse_ts(last))
             for user, recipients, messages, held, rejected, last in rows
         ]
+
+    async def user_events(self, sasl_username: str, since: datetime, limit: int) -> list[Event]:
+        sql = (
+            "SELECT ts, sender, client_address, recipient_count, action, event_id, queue_id "
+            f"FROM {self.table} WHERE sasl_username = ? AND ts >= ? ORDER BY ts DESC, rowid DESC LIMIT ?"
+        )
+
+        def read(connection: sqlite3.Connection) -> list[Event]:
+            # Made into events in the thread too: parsing thousands of timestamps is not
+            # the event loop's work.
+            rows = connection.execute(sql, (sasl_username, format_ts(since), limit))
+            return [
+                Event(
+                    parse_ts(ts),
+                    sasl_username,
+                    str(sender or ""),
+                    str(client or ""),
+                    int(count or 0),
+                    outcome_of_stored(action),
+                    str(event_id or ""),
+                    str(queue_id or ""),
+                )
+                for ts, sender, client, count, action, event_id, queue_id in rows
+            ]
+
+        return await self._read(read, "reading a user's events")
 
     async def purge(self, before: datetime, batch_rows: int = PURGE_BATCH_ROWS) -> int:
         table = self.table
