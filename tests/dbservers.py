@@ -21,6 +21,7 @@ Each server provides a database ``policyd_test`` owned by the user ``policyd``
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -49,6 +50,7 @@ __all__ = [
     "GaleraNode",
     "MariaDBServer",
     "PostgreSQLServer",
+    "TcpProxy",
     "available",
     "require",
     "server_class",
@@ -988,6 +990,61 @@ class GaleraCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 to a server's port, in the test's event loop: cut()
+    makes the address refuse connections and drops the ones open (a database host
+    gone, as a client sees it), restore() brings it back on the same port."""
+
+    def __init__(self, target_port: int, host: str = HOST) -> None:
+        self.host = host
+        self.target_port = target_port
+        self.port = _free_port()
+        self._server: asyncio.Server | None = None
+        self._transports: set[asyncio.WriteTransport] = set()
+
+    async def start(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
+        return self
+
+    async def restore(self) -> None:
+        if self._server is None:
+            await self.start()
+
+    async def cut(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for transport in list(self._transports):
+            transport.abort()  # RST: the client's next read fails at once
+        self._transports.clear()
+        if server is not None:
+            await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = (writer.transport, upstream_writer.transport)
+        self._transports.update(pair)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                sink.transport.abort()
+
+        try:
+            await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
+        finally:
+            self._transports.difference_update(pair)
 
 
 # --------------------------------------------------------------------------

@@ -557,6 +557,9 @@ class MySQLStorage(Storage):
         # Nodes known to run Galera (reads there wait for the cluster: wsrep_sync_wait).
         self._galera: dict[int, bool] = {}
         self._prepared: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions set up for their node
+        self._working = 0  # the node that last gave a connection
+        self._failure = ""  # why it is not used any more
+        self._all_failed = False  # the last attempt found no node answering
         self._prober: asyncio.Task[None] | None = None
         self._next_probe = 0.0
         self._closing: set[asyncio.Task[None]] = set()
@@ -587,7 +590,8 @@ class MySQLStorage(Storage):
 
     @property
     def _where(self) -> str:
-        where = self.unix_socket or _node_text(self.nodes[self.node])
+        nodes = self.nodes if self._all_failed else self.nodes[self.node : self.node + 1]
+        where = self.unix_socket or ",".join(map(_node_text, nodes))
         return f"mysql {where}/{self.database}"
 
     # ------------------------------------------------------------------
@@ -682,20 +686,36 @@ class MySQLStorage(Storage):
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def _use_node(self, index: int, why: str) -> None:
+    def _use_node(self, index: int) -> None:
         if index == self.node:
             return
-        old = _node_text(self.nodes[self.node])
         self._retire_pool(self.node)
         self.node = index
         self.failovers += 1
-        log.warning("mysql %s/%s: %s; now using %s", old, self.database, why, _node_text(self.nodes[index]))
 
     def _node_failed(self, index: int, error: BaseException) -> None:
         """Node `index` failed (cannot connect, connection broken, not ready): go on with
         the next one in the list, if there is another and it is still the one in use."""
         if len(self.nodes) > 1 and index == self.node:
-            self._use_node((index + 1) % len(self.nodes), f"failed ({self._error_detail(error)})")
+            if index == self._working:
+                self._failure = f"failed ({self._error_detail(error)})"
+            log.debug("%s: %s", self._where, self._error_detail(error))
+            self._use_node((index + 1) % len(self.nodes))
+
+    def _node_works(self, index: int) -> None:
+        """Node `index` gave a connection: say so once, if it is not the one that did before."""
+        self._all_failed = False
+        previous, self._working = self._working, index
+        if previous != index and len(self.nodes) > 1:
+            # One line per change of node, not one per failed attempt: while every node
+            # is down, the daemon's outage says so instead.
+            log.warning(
+                "mysql %s/%s: %s; now using %s",
+                _node_text(self.nodes[previous]),
+                self.database,
+                self._failure,
+                _node_text(self.nodes[index]),
+            )
 
     async def _acquire(self) -> tuple[int, Any, Any]:
         """A connection: (node index, its pool, the connection).  With several nodes,
@@ -718,8 +738,10 @@ class MySQLStorage(Storage):
                 self._node_failed(index, error)
                 failure = error
                 continue
+            self._node_works(index)
             return index, pool, conn
         assert failure is not None
+        self._all_failed = True  # named all in the error
         raise failure  # every node failed: the last one's error
 
     async def _acquire_from(self, pool: Any) -> Any:
@@ -776,7 +798,8 @@ class MySQLStorage(Storage):
             for index in range(self.node):
                 if await self._node_is_ready(index):
                     if self._open and index < self.node:
-                        self._use_node(index, f"{_node_text(self.nodes[index])} is back")
+                        self._failure = f"{_node_text(self.nodes[index])} is back"
+                        self._use_node(index)
                     return
         finally:
             self._prober = None
