@@ -188,6 +188,8 @@ USER_KEY_COMMENT = (
     f"else first {USER_KEY_PREFIX} + # + sha256 hex"
 )
 
+_EVENT_ID_LENGTH = 32
+
 _TEXT = "TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
 
 # MySQL error codes that mean the connection is unusable (client 2xxx and server ones).
@@ -218,6 +220,10 @@ _CONCURRENT_DDL_CODES = frozenset(
         1213,  # deadlock (a Galera conflict with the other node's statement)
     }
 )
+
+
+class _RowCollision(Exception):
+    """An INSERT hit another event's row (not a duplicate of its own event_id)."""
 
 
 def _user_key_sql(operand: str) -> str:
@@ -941,7 +947,9 @@ class MySQLStorage(Storage):
                         self._node_failed(index, error)
                 if code in _SCHEMA_CHANGED_CODES:
                     self._layout = None  # read it again: someone migrated or dropped the table
-                conflict = code in _RETRYABLE_CODES and attempt <= CONFLICT_RETRIES
+                conflict = (code in _RETRYABLE_CODES or isinstance(error, _RowCollision)) and (
+                    attempt <= CONFLICT_RETRIES
+                )
                 retry = (
                     retry_safe
                     and got_connection
@@ -1017,7 +1025,9 @@ class MySQLStorage(Storage):
             lines.append(f"  {kind} {_q(name)} ({', '.join(map(_q, columns))})")
         body = ",\n".join(lines)
         return (
-            f"CREATE TABLE IF NOT EXISTS {_q(self.table)} (\n{body}\n) "
+            # Not IF NOT EXISTS: a table made meanwhile by another process (a daemon on
+            # another Galera node) is error 1050, and migrate() plans again.
+            f"CREATE TABLE {_q(self.table)} (\n{body}\n) "
             f"ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={_TABLE_COLLATION} ROW_FORMAT=DYNAMIC"
         )
 
@@ -1277,7 +1287,15 @@ class MySQLStorage(Storage):
         # BEGIN and COMMIT.  Not INSERT IGNORE: that would turn real errors (a value too
         # long...) into warnings.
         head = f"INSERT INTO {_q(self.table)} ({EVENT_COLUMNS}) VALUES "
-        tail = " ON DUPLICATE KEY UPDATE event_id = event_id"
+        # A duplicate event_id is this very event, written before (a retried batch whose
+        # COMMIT may have landed): nothing to do.  A duplicate of anything else is another
+        # event's row, and must not swallow this one: on Galera a node may hand out an id
+        # another node's row already holds (while the cluster changes size); then the
+        # assignment fails (too long for CHAR(32): strict mode) and the batch is retried.
+        tail = (
+            " ON DUPLICATE KEY UPDATE event_id = "
+            f"IF(event_id <=> VALUES(event_id), event_id, REPEAT('!', {_EVENT_ID_LENGTH + 1}))"
+        )
         statements: list[str] = []
         values: list[str] = []
         size = 0
@@ -1299,14 +1317,22 @@ class MySQLStorage(Storage):
                     f"{self._where}: table {self.table} still has go-policyd's layout; "
                     "run `policyd migrate` to upgrade it"
                 )
-            async with conn.cursor() as cursor:
-                if len(statements) == 1:
-                    await cursor.execute(statements[0])
-                    return
-                await conn.begin()
-                for statement in statements:
-                    await cursor.execute(statement)
-                await conn.commit()
+            try:
+                async with conn.cursor() as cursor:
+                    if len(statements) == 1:
+                        await cursor.execute(statements[0])
+                        return
+                    await conn.begin()
+                    for statement in statements:
+                        await cursor.execute(statement)
+                    await conn.commit()
+            except aiomysql.Error as error:
+                if self._code(error) == 1406 and "'event_id'" in str(error):
+                    log.warning(
+                        "%s: an event's row id was taken by another row; writing it again", self._where
+                    )
+                    raise _RowCollision(*error.args) from error
+                raise
 
         await self._run("recording events", run, retry_safe=True)
 
