@@ -13,8 +13,11 @@ caches, the Galera cluster as the tests run it: 3 nodes on this machine):
   the real backend (`add_events`, batches of 500 as the daemon's writer makes them),
   then the table's data and index bytes per row (after ANALYZE), and the servers' CPU
   (utime + stime of every server process, all nodes for Galera) per batch and per event;
+- the cost of a commit alone: 2,000 transactions of one event each (the writer's batches
+  when the load is light), server CPU per commit;
 - the tail's cost: 400 polls as a relay makes them every 250 ms (`tail` after the top
-  id, nothing new: the steady state), timed, with the servers' CPU per poll.
+  id, nothing new: the steady state), timed, with the servers' CPU per poll; and 50
+  polls that each find 1,000 rows, for the servers' CPU per row read.
 
 And, with no database, the window's memory (tracemalloc) for 10,000 users holding 1, 10
 and 100 events each.  Prints one JSON object per measurement and a summary table.
@@ -50,6 +53,9 @@ from policyd.window import Window  # noqa: E402
 USERS = 10_000
 BATCH = 500  # the writer's MAX_BATCH_EVENTS
 POLLS = 400
+SINGLES = 2000
+TAIL_ROWS = 1000
+ROW_POLLS = 50
 DAY_MS = 86_400_000
 
 
@@ -129,7 +135,27 @@ async def measure_database(backend: str, events: int) -> dict[str, Any]:
             write_cpu = sum(process_cpu(pid) for pid in pids) - cpu_before
             rows, data, index = table_bytes(backend, admin)
 
+            # One event per transaction: the writer's batches when the load is light.
+            singles = [
+                [Event(now, f"single{n % USERS}", "s@example.org", "192.0.2.1", 1, Outcome.DUNNO)]
+                for n in range(SINGLES)
+            ]
+            cpu_before = sum(process_cpu(pid) for pid in pids)
+            started = time.perf_counter()
+            for batch in singles:
+                await storage.add_events(batch, origin="sizing-writer")
+            single_seconds = time.perf_counter() - started
+            single_cpu = sum(process_cpu(pid) for pid in pids) - cpu_before
+
+            # Polls that find rows: the last TAIL_ROWS rows of the table each time.
             top = await storage.max_event_id()
+            ids = [row.row_id for row in (await storage.tail(0, "sizing-reader", 10**9)).rows]
+            after = ids[-TAIL_ROWS - 1]
+            cpu_before = sum(process_cpu(pid) for pid in pids)
+            for _ in range(ROW_POLLS):
+                assert len((await storage.tail(after, "sizing-reader", 10_000)).rows) == TAIL_ROWS
+            row_cpu = (sum(process_cpu(pid) for pid in pids) - cpu_before) / (ROW_POLLS * TAIL_ROWS)
+
             cpu_before = sum(process_cpu(pid) for pid in pids)
             latencies = []
             for _ in range(POLLS):
@@ -148,6 +174,9 @@ async def measure_database(backend: str, events: int) -> dict[str, Any]:
         "write_events_per_second": round(rows / write_seconds),
         "server_cpu_ms_per_batch": round(write_cpu / len(batches) * 1000, 2),
         "server_cpu_us_per_event": round(write_cpu / rows * 1e6, 1),
+        "single_event_commits_per_second": round(SINGLES / single_seconds),
+        "server_cpu_ms_per_single_commit": round(single_cpu / SINGLES * 1000, 2),
+        "tail_server_cpu_us_per_row_read": round(row_cpu * 1e6, 1),
         "tail_poll_ms_p50": round(latencies[len(latencies) // 2] * 1000, 2),
         "tail_poll_ms_max": round(latencies[-1] * 1000, 2),
         "server_cpu_us_per_poll": round(poll_cpu * 1e6),

@@ -25,8 +25,9 @@ from policyd.quota import QuotaRules
 from policyd.storage import Storage, create_storage
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-BACKENDS = ("sqlite", "mariadb", "postgresql")
+BACKENDS = ("sqlite", "mariadb", "postgresql", "galera")
 _table_numbers = itertools.count(1)
+_galera_first = itertools.count()
 
 
 def skip_or_fail(reason: str) -> None:
@@ -78,6 +79,11 @@ def galera_cluster() -> Iterator[Any]:
 def database_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
     if backend == "sqlite":
         return f"sqlite://{tmp_path}/policyd.sqlite"
+    if backend == "galera":
+        # Every node listed, a different one first from test to test.
+        cluster = request.getfixturevalue("galera_cluster")
+        first = next(_galera_first) % len(cluster.nodes)
+        return str(cluster.url_for(cluster.database, cluster.nodes[first:] + cluster.nodes[:first]))
     server = request.getfixturevalue(f"{backend}_server")
     return str(server.url)
 

@@ -3,7 +3,9 @@
 ``mysql://user:password@host:3306/dbname`` (or ``mariadb://``); user and password are
 URL-decoded, the port defaults to 3306; ``?unix_socket=/run/mysqld/mysqld.sock`` connects
 over a unix socket instead of TCP and ``?charset=utf8mb4`` is accepted (utf8mb4 is the
-only charset that holds every name, so it is the only one allowed).
+only charset that holds every name, so it is the only one allowed).  Several hosts,
+libpq style: ``mysql://user:password@db1:3306,db2:3306,db3:3306/dbname`` (a Galera
+cluster's nodes), see "Several hosts" below.
 
 One clock: UTC
 --------------
@@ -31,10 +33,29 @@ before it: after a server restart or a failover to another Galera node behind th
 address they are all stale, and the next call opens a fresh one.  A call that failed
 that way on a connection it had already got is retried once on a fresh connection when
 that is safe: reads, purge batches, and add_events (idempotent on event_id, so a batch
-whose COMMIT may or may not have landed is simply written again).  Galera certification
-failures (1213) are retried the same way.  migrate() is never retried.  If the server is
+whose COMMIT may or may not have landed is simply written again).  Deadlocks and Galera
+certification failures (1213) are retried up to 3 times.  migrate() is never retried.  If the server is
 down the call fails at once (connection refused) or after the 3 s connect timeout, as a
 StorageError; nothing needs restarting when it comes back.
+
+Several hosts
+-------------
+The nodes are tried in order, each with a pool of its own, opened when first used.  A
+node that cannot be connected to (refused, the 3 s connect timeout), whose connection
+broke, or that is not ready (1047: a Galera node out of the primary component) makes the
+call go on with the next node at once, within the caller's bound; a write that may or
+may not have committed on the node that failed is written again (idempotent).  While on
+a later node, a background check every PREFERRED_NODE_RETRY_SECONDS goes back to the
+first earlier node that takes a connection and, on Galera, is Synced in a primary
+component.  One warning line per change of node.
+
+On a Galera node each session sets ``wsrep_sync_wait = 1``: its reads wait until the
+node has applied what the cluster committed before them, so a read on one node sees a
+commit acknowledged on another (the cross-relay bound).  Certification conflicts (1213)
+are retried up to CONFLICT_RETRIES times.  A write's ``ON DUPLICATE KEY UPDATE`` absorbs
+only its own event_id: when the cluster changes size, Galera changes each node's
+auto_increment offset, and an id handed out locally may collide with another node's row
+being applied; that insert fails (and is retried) instead of updating the other row.
 
 Schema (created or upgraded in place by migrate())
 ----------------------------------------------------
@@ -91,8 +112,11 @@ migrate() upgrades the table in place, keeping every row:
 
 Every step is planned from information_schema, so migrate() is idempotent and
 ``pending_migrations()`` lists exactly what it would do.  A named lock (GET_LOCK) keeps
-two processes from migrating at once.  On Galera the ALTER runs in total order isolation
-(every node waits for it): migrate a big table at a quiet time.
+two processes from migrating at once; on Galera it holds on one node only, so migrate()
+runs one statement at a time, and one that collides with the same change made meanwhile
+by another node (1050 table exists, 1060 duplicate column, ...) plans the rest again.
+On Galera the ALTER runs in total order isolation (every node waits for it): migrate a
+big table at a quiet time.
 
 go-policyd after the migration: it can still write.  Its INSERT
 (``INSERT INTO events SET sasl_username=?, sender=?, client_address=?,
