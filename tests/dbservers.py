@@ -1003,6 +1003,16 @@ class TcpProxy:
         self.port = _free_port()
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.WriteTransport] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def hang(self) -> None:
+        """Go silent: connections are accepted and nothing is forwarded either way, as
+        with a host that stopped answering (no reset, no refusal)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     async def start(self) -> Self:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
@@ -1024,6 +1034,13 @@ class TcpProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            await self._forward(reader, writer)
+        except asyncio.CancelledError:
+            writer.transport.abort()  # the test's loop is ending: nothing to report
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
+        try:
             upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.target_port)
         except OSError:
             writer.transport.abort()
@@ -1034,6 +1051,7 @@ class TcpProxy:
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
                 while data := await source.read(65536):
+                    await self._flowing.wait()
                     sink.write(data)
                     await sink.drain()
             except (OSError, asyncio.IncompleteReadError):

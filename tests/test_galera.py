@@ -144,6 +144,40 @@ async def test_the_next_node_when_one_goes_away_and_the_first_again_once_back(
     assert cluster_db.counts("SELECT COUNT(*), COUNT(DISTINCT event_id) FROM events") == ["20\t20"] * 3
 
 
+async def test_a_node_gone_silent_is_left_for_the_next(
+    cluster_db: ClusterDatabase, proxy: dbservers.TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No reset, no refusal: the host just stops answering.  The call in progress gives
+    up after NODE_TIMEOUT_SECONDS, the next one goes to the next node."""
+    monkeypatch.setattr(policyd.storage.mysql, "NODE_TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(policyd.storage.mysql, "PREFERRED_NODE_RETRY_SECONDS", 0.2)
+    node = cluster_db.cluster.nodes[1]
+    store = cluster_db.storage(cluster_db.url_with([(proxy.host, proxy.port), (node.host, node.port)]))
+    await store.open()
+    try:
+        await store.migrate()
+        await store.add_events(events(2, user="before"))
+        proxy.hang()
+        during = events(2, user="during")
+        started = time.monotonic()
+        with pytest.raises(policyd.storage.StorageError, match="no answer in time"):
+            await store.add_events(during)
+        assert time.monotonic() - started < 2.0
+        assert store.node == 1
+        await store.add_events(during)  # again, on node 2 (the first attempt may land too, later)
+        proxy.resume()
+        deadline = time.monotonic() + 10
+        while store.node != 0:
+            assert time.monotonic() < deadline, "the first node was not taken back"
+            await store.count_events()
+            await asyncio.sleep(0.05)
+        assert await store.count_events() == 4
+    finally:
+        proxy.resume()
+        await store.close()
+    assert cluster_db.counts("SELECT COUNT(*), COUNT(DISTINCT event_id) FROM events") == ["4\t4"] * 3
+
+
 async def test_a_first_node_down_from_the_start_is_skipped(cluster_db: ClusterDatabase) -> None:
     nodes = cluster_db.cluster.nodes
     nowhere = dbservers.TcpProxy(nodes[0].port)  # never started: its port refuses

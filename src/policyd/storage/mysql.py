@@ -190,6 +190,9 @@ MIGRATE_COLLISIONS = 5
 # With several nodes in the URL: while on a later node, how often an earlier one is
 # tried again (in the background; it is used again once it answers, Synced on Galera).
 PREFERRED_NODE_RETRY_SECONDS = 5.0
+# With several nodes, one operation's bound (not migrate() nor the load at start): a
+# node that takes longer has stopped answering, and the next call goes to the next node.
+NODE_TIMEOUT_SECONDS = 10.0
 # A deadlock or a Galera certification conflict (1213): retried this many times, after
 # a pause of CONFLICT_PAUSE_SECONDS times the attempt number.
 CONFLICT_RETRIES = 3
@@ -840,8 +843,6 @@ class MySQLStorage(Storage):
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS + 2):
                 conn = await aiomysql.connect(**self._settings(index))
-        except (asyncio.CancelledError, TimeoutError):
-            return False
         except Exception:
             return False
         try:
@@ -948,6 +949,8 @@ class MySQLStorage(Storage):
         to CONFLICT_RETRIES times after a deadlock or a Galera certification conflict.
         """
         loop = asyncio.get_running_loop()
+        if timeout is not None and len(self.nodes) > 1:
+            timeout = min(timeout, NODE_TIMEOUT_SECONDS)
         attempt = 0
         while True:
             attempt += 1
@@ -969,6 +972,11 @@ class MySQLStorage(Storage):
                     self._broken_at = loop.time()
                     if got_connection:
                         self._node_failed(index, error)
+                elif isinstance(error, TimeoutError) and got_connection:
+                    # A node that stopped answering (a host gone silent: no reset, no
+                    # refusal): the next call tries the next node.  Not retried here:
+                    # the time is spent.
+                    self._node_failed(index, error)
                 if code in _SCHEMA_CHANGED_CODES:
                     self._layout = None  # read it again: someone migrated or dropped the table
                 conflict = (code in _RETRYABLE_CODES or isinstance(error, _RowCollision)) and (
