@@ -16,6 +16,7 @@ started once per session from Debian's galera-4 and mariadb-server, on 127.0.0.1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -32,8 +33,10 @@ from policyd.quota import Outcome
 from policyd.storage import Event, create_storage
 from policyd.storage.mysql import MySQLStorage
 from tests import dbservers
-from tests.conftest import encode_request
+from tests.conftest import encode_request, make_settings, run_daemon
 from tests.test_faults import Load, Policyd, Sent, percentile
+from tests.test_shared_database import COUNTED_ELSEWHERE_WITHIN
+from tests.test_shared_database import _total as total_of
 
 pytestmark = [pytest.mark.galera, pytest.mark.slow]
 
@@ -272,6 +275,56 @@ async def test_three_daemons_starting_at_once_migrate_once(cluster_db: ClusterDa
             await store.close()
     expected = "6" if shape == "fresh" else "8"
     assert cluster_db.counts("SELECT COUNT(*) FROM events") == [expected] * 3
+
+
+async def test_a_message_is_counted_on_the_other_nodes_within_the_bound(
+    cluster_db: ClusterDatabase, tmp_path: Path
+) -> None:
+    """test_shared_database's bound, with each daemon on its own node: a message accepted
+    through one node is in the other daemons' windows (tailed through the other nodes,
+    ids interleaved by auto_increment_increment = 3) within the bound."""
+    delays: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        daemons = [
+            await stack.enter_async_context(
+                run_daemon(
+                    make_settings(
+                        cluster_db.url(tuple((index + step) % 3 for step in range(3))),
+                        quota=1000,
+                        reject_quota=2000,
+                        spool=f"{tmp_path}/spool{index}",
+                    )
+                )
+            )
+            for index in range(3)
+        ]
+        clients = [await daemon.client() for daemon in daemons]
+        for trial in range(12):
+            sender = trial % 3
+            user = f"trial{trial}"
+            assert await clients[sender].ask(sasl_username=user, recipient_count=7) == "DUNNO"
+            answered = time.monotonic()
+            others = [daemon.daemon for index, daemon in enumerate(daemons) if index != sender]
+            while [total_of(other, user) for other in others] != [7, 7]:
+                assert time.monotonic() - answered < 5
+                await asyncio.sleep(0.005)
+            delays.append(time.monotonic() - answered)
+        for client in clients:
+            await client.close()
+    print(
+        f"\ncounted by the daemons on the other nodes after: max {max(delays) * 1000:.0f} ms, "
+        f"mean {sum(delays) / len(delays) * 1000:.0f} ms"
+    )
+    assert max(delays) <= COUNTED_ELSEWHERE_WITHIN
+    # Each daemon's rows have the ids of its node (id mod 3 = its auto_increment_offset):
+    # the three daemons' ids interleave.
+    assert (
+        cluster_db.counts(
+            "SELECT COUNT(*), COUNT(DISTINCT origin), COUNT(DISTINCT id % 3), "
+            "COUNT(DISTINCT CONCAT(origin, ':', id % 3)) FROM events"
+        )
+        == ["12\t3\t3\t3"] * 3
+    )
 
 
 # ---------------------------------------------------------------------------
