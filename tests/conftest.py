@@ -154,6 +154,10 @@ def execute_admin_sql(request: pytest.FixtureRequest | None, url: str, sql: str)
             connection.executescript(sql)
         return
     assert request is not None, "a database server's fixture is found through the test's request"
+    if url.startswith("mysql") and "," in url.rpartition("@")[2].partition("/")[0]:
+        cluster: Any = request.getfixturevalue("galera_cluster")  # several hosts: the cluster's
+        cluster.admin_execute(sql, cluster.database)
+        return
     backend = "mariadb" if url.startswith("mysql") else "postgresql"
     server: Any = request.getfixturevalue(f"{backend}_server")
     server.admin_execute(sql, server.database)

@@ -14,8 +14,8 @@ it saw: it re-reads every row above the table's highest id of SETTLE_SECONDS ago
 skips the ids it has already counted.  Nothing assumes ids are dense: on a Galera
 cluster each node hands out every Nth id (auto_increment_increment = N, its own
 offset), so ids have gaps and the nodes' rows interleave; the overlaps are counted in
-rows (TAIL_OVERLAP_IDS times the storage's id_step ids).  A row that becomes visible more than
-SETTLE_SECONDS after a higher one (a transaction stalled that long between insert and
+rows (TAIL_OVERLAP_IDS times the storage's id_step ids).  A row that becomes visible
+more than SETTLE_SECONDS after a higher one (a transaction stalled that long between insert and
 commit) is not counted by daemons already running; they count it at their next start.
 """
 
