@@ -34,7 +34,7 @@ from policyd.storage import Event, create_storage
 from policyd.storage.mysql import MySQLStorage
 from tests import dbservers
 from tests.conftest import encode_request, make_settings, run_daemon
-from tests.test_faults import Load, Policyd, Sent, percentile
+from tests.test_faults import DB_TIMEOUT, Load, Policyd, Sent, percentile
 from tests.test_shared_database import COUNTED_ELSEWHERE_WITHIN
 from tests.test_shared_database import _total as total_of
 
@@ -339,9 +339,9 @@ STEADY_USERS = 300
 PAUSE_HOT = 0.1  # between a connection's requests: a paced load, not a flood of 2 cores
 PAUSE_STEADY = 0.05
 # A hammered user near the quota takes the strict path: a read first (at most db_timeout,
-# 0.5 s), then its answer waits for its event's commit (at most db_timeout plus the
-# writer's grace of 1 s): 2 s at worst by design, plus a margin.  Postfix waits 100 s.
-LATENCY_BOUND = 2.5
+# 0.5 s), then its answer waits for its event's commit (at most db_timeout more): 1 s at
+# worst by design, plus a margin for 2 busy cores.  Postfix waits 100 s.
+LATENCY_BOUND = 2 * DB_TIMEOUT + 0.5
 KILL_AT = 5.0
 RESTART_AT = 12.0
 AFTER_REJOIN = 8.0  # load goes on this long after the node is back (the daemon returns to it)
