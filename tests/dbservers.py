@@ -21,6 +21,7 @@ Each server provides a database ``policyd_test`` owned by the user ``policyd``
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -45,8 +46,11 @@ import pytest
 __all__ = [
     "DBServer",
     "DBServerError",
+    "GaleraCluster",
+    "GaleraNode",
     "MariaDBServer",
     "PostgreSQLServer",
+    "TcpProxy",
     "available",
     "require",
     "server_class",
@@ -204,6 +208,7 @@ def server_class(kind: str) -> type[DBServer]:
     kinds: dict[str, type[DBServer]] = {
         "mariadb": MariaDBServer,
         "mysql": MariaDBServer,
+        "galera": GaleraNode,
         "postgresql": PostgreSQLServer,
         "postgres": PostgreSQLServer,
         "pg": PostgreSQLServer,
@@ -731,6 +736,333 @@ class MariaDBServer(DBServer):
 
     def _drop_database_sql(self, name: str) -> str:
         return f"DROP DATABASE IF EXISTS `{name}`;\n"
+
+
+# --------------------------------------------------------------------------
+# MariaDB Galera
+
+
+def _galera_provider() -> str | None:
+    """Path of the Galera 4 provider library (Debian package galera-4)."""
+    for path in ("/usr/lib/galera/libgalera_smm.so", "/usr/lib/libgalera_smm.so"):
+        if os.access(path, os.R_OK):
+            return path
+    return None
+
+
+def _galera_binaries() -> dict[str, str] | str:
+    found = _mariadb_binaries()
+    if isinstance(found, str):
+        return found
+    provider = _galera_provider()
+    if provider is None:
+        return "Galera provider libgalera_smm.so not found; install the Debian package galera-4"
+    missing = [name for name in ("rsync", "wsrep_sst_rsync", "ss") if _which([name], _SBIN) is None]
+    if missing:
+        return (
+            f"Galera SST tools not found ({', '.join(missing)}); install the Debian packages "
+            "rsync and iproute2 (see scripts/apt-packages.txt)"
+        )
+    return {**found, "provider": provider}
+
+
+# Group communication timeouts, shorter than Galera's defaults (suspect a silent node
+# after 5 s, evict it after 15 s) so that a killed node leaves the cluster in ~2 s and a
+# test does not wait out the defaults. Production keeps the defaults (docs/shared-database.md).
+GALERA_EVS_OPTIONS = (
+    "evs.keepalive_period=PT0.3S",
+    "evs.inactive_check_period=PT0.3S",
+    "evs.suspect_timeout=PT1.5S",
+    "evs.inactive_timeout=PT3S",
+    "evs.install_timeout=PT3S",
+)
+
+
+class GaleraNode(MariaDBServer):
+    """One node of a GaleraCluster: a private mariadbd with wsrep on, its own client,
+    group communication (gcomm), IST and SST ports on 127.0.0.1, and a my.cnf of its own
+    (the SST script reads the node's settings from it)."""
+
+    kind = "galera"
+
+    def __init__(self, cluster: GaleraCluster, index: int) -> None:
+        super().__init__(
+            user=cluster.user,
+            password=cluster.password,
+            database=cluster.database,
+            start_timeout=cluster.start_timeout,
+        )
+        self.cluster = cluster
+        self.index = index  # 1-based; node 1 bootstraps the cluster
+        self.port = _free_port()
+        self.gcomm_port = _free_port()
+        self.ist_port = _free_port()
+        self.sst_port = _free_port()
+        self._bootstrap = False
+
+    @property
+    def name(self) -> str:
+        return f"node{self.index}"
+
+    @property
+    def config_path(self) -> Path:
+        return self._dir / "my.cnf"
+
+    @classmethod
+    def _find_binaries(cls) -> dict[str, str] | str:
+        return _galera_binaries()
+
+    def start(self) -> Self:
+        """Create the temp dir and start the node: node 1 from a fresh data dir as a new
+        cluster, the others from an empty one, filled by SST from a running node."""
+        if self.tmpdir is not None:
+            raise DBServerError(f"galera {self.name} already started")
+        found = self._find_binaries()
+        if isinstance(found, str):
+            raise DBServerError(found)
+        self._bins = found
+        self._account = _service_user(self._run_as)
+        self.tmpdir = self._make_tmpdir()
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        try:
+            if self.index == 1:
+                self._init_datadir()
+            else:
+                for d in (self.datadir, self._dir / "tmp"):
+                    d.mkdir()
+                    if self._account is not None:
+                        os.chown(d, self._account.pw_uid, self._account.pw_gid)
+            self._write_config()
+            self._bootstrap = self.index == 1
+            try:
+                self.start_server()
+            finally:
+                self._bootstrap = False  # a restart joins the running nodes
+            if self.index == 1:
+                self._setup()  # replicated to the joiners by SST
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _write_config(self) -> None:
+        cluster_address = ",".join(f"{HOST}:{node.gcomm_port}" for node in self.cluster.nodes)
+        provider_options = "; ".join(
+            (
+                f"gmcast.listen_addr=tcp://{HOST}:{self.gcomm_port}",
+                f"ist.recv_addr={HOST}:{self.ist_port}",
+                "gcache.size=32M",
+                *GALERA_EVS_OPTIONS,
+            )
+        )
+        options = [option.removeprefix("--") for option in self._tuning()]
+        options += [
+            f"datadir={self.datadir}",
+            f"tmpdir={self._dir / 'tmp'}",
+            f"socket={self.socket_path}",
+            f"pid-file={self._dir / 'mysqld.pid'}",
+            f"bind-address={self.host}",
+            f"port={self.port}",
+            "skip-log-bin",
+            "binlog_format=ROW",
+            "innodb_autoinc_lock_mode=2",
+            "wsrep_on=ON",
+            f"wsrep_provider={self._bins['provider']}",
+            f"wsrep_cluster_name=policyd-test-{os.getpid()}",
+            f"wsrep_cluster_address=gcomm://{cluster_address}",
+            f"wsrep_node_name={self.name}",
+            f"wsrep_node_address={HOST}:{self.gcomm_port}",
+            f"wsrep_node_incoming_address={HOST}:{self.port}",
+            f'wsrep_provider_options="{provider_options}"',
+            "wsrep_sst_method=rsync",
+            f"wsrep_sst_receive_address={HOST}:{self.sst_port}",
+            "wsrep_slave_threads=2",
+        ]
+        text = "[mysqld]\n" + "".join(f"{option}\n" for option in options)
+        self.config_path.write_text(text)
+
+    def _server_command(self) -> list[str]:
+        cmd = [self._bins["server"], f"--defaults-file={self.config_path}"]
+        if self._bootstrap:
+            cmd.append("--wsrep-new-cluster")
+        return cmd
+
+    def _is_ready(self) -> bool:
+        # Accepting connections is not enough: a joiner takes queries only once it is
+        # Synced with the cluster (after SST or IST).
+        if not super()._is_ready():
+            return False
+        try:
+            return self.wsrep_status("wsrep_local_state_comment") == "Synced"
+        except DBServerError:
+            return False
+
+    def wsrep_status(self, name: str) -> str:
+        """The value of a wsrep status variable on this node."""
+        out = self.admin_execute(f"SHOW GLOBAL STATUS LIKE '{name}'")
+        _, _, value = out.strip().partition("\t")
+        return value
+
+
+class GaleraCluster:
+    """Three (by default) GaleraNode servers on 127.0.0.1 forming one cluster: node 1 is
+    bootstrapped with --wsrep-new-cluster, the others join it by rsync SST. Each node
+    has the test user and database; ``url`` lists all nodes, libpq style."""
+
+    scheme = "mysql"
+
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        user: str = DEFAULT_USER,
+        password: str = DEFAULT_PASSWORD,
+        database: str = DEFAULT_DATABASE,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.user = user
+        self.password = password
+        self.database = database
+        self.start_timeout = start_timeout
+        self.nodes: list[GaleraNode] = []
+        self.nodes = [GaleraNode(self, index) for index in range(1, size + 1)]
+
+    @property
+    def url(self) -> str:
+        """URL of the test database with every node, in node order."""
+        return self.url_for(self.database)
+
+    def url_for(self, database: str, nodes: Sequence[GaleraNode] | None = None) -> str:
+        hosts = ",".join(f"{node.host}:{node.port}" for node in (nodes or self.nodes))
+        return f"{self.scheme}://{self.user}:{self.password}@{hosts}/{database}"
+
+    def start(self) -> Self:
+        try:
+            for node in self.nodes:
+                node.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            with contextlib.suppress(Exception):
+                node.stop()
+
+    def admin_execute(self, sql: str, database: str | None = None) -> str:
+        """Run SQL on the first running node (DDL replicates by TOI)."""
+        for node in self.nodes:
+            if node.running:
+                return node.admin_execute(sql, database)
+        raise DBServerError("no Galera node is running")
+
+    def create_database(self, name: str) -> str:
+        self.admin_execute(self.nodes[0]._create_database_sql(name))
+        return self.url_for(name)
+
+    def wait_synced(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until every running node is Synced and sees all running nodes."""
+        deadline = time.monotonic() + timeout
+        running = [node for node in self.nodes if node.running]
+        while True:
+            try:
+                states = [
+                    (node.wsrep_status("wsrep_local_state_comment"), node.wsrep_status("wsrep_cluster_size"))
+                    for node in running
+                ]
+            except DBServerError:
+                states = []
+            if states and all(state == ("Synced", str(len(running))) for state in states):
+                return
+            if time.monotonic() > deadline:
+                raise DBServerError(f"Galera nodes not synced after {timeout:.0f}s: {states}")
+            time.sleep(0.1)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 to a server's port, in the test's event loop: cut()
+    makes the address refuse connections and drops the ones open (a database host
+    gone, as a client sees it), restore() brings it back on the same port."""
+
+    def __init__(self, target_port: int, host: str = HOST) -> None:
+        self.host = host
+        self.target_port = target_port
+        self.port = _free_port()
+        self._server: asyncio.Server | None = None
+        self._transports: set[asyncio.WriteTransport] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def hang(self) -> None:
+        """Go silent: connections are accepted and nothing is forwarded either way, as
+        with a host that stopped answering (no reset, no refusal)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def start(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
+        return self
+
+    async def restore(self) -> None:
+        if self._server is None:
+            await self.start()
+
+    async def cut(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for transport in list(self._transports):
+            transport.abort()  # RST: the client's next read fails at once
+        self._transports.clear()
+        if server is not None:
+            await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._forward(reader, writer)
+        except asyncio.CancelledError:
+            writer.transport.abort()  # the test's loop is ending: nothing to report
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = (writer.transport, upstream_writer.transport)
+        self._transports.update(pair)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    await self._flowing.wait()
+                    sink.write(data)
+                    await sink.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                sink.transport.abort()
+
+        try:
+            await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
+        finally:
+            self._transports.difference_update(pair)
 
 
 # --------------------------------------------------------------------------

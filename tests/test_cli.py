@@ -191,6 +191,27 @@ def test_check_config_masks_an_escaped_password(tmp_path: Path) -> None:
     assert_mysql_verdict(result, load_settings(path).database)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://policyd:s3cr3t-pw@db1:3306,,db3:3306/policyd",
+        "mysql://policyd:s3cr3t-pw@db1:3306,db2:33o6/policyd",
+        "mysql:policyd:s3cr3t-pw@db1:3306,db2:3306/policyd",
+    ],
+)
+def test_a_bad_host_list_is_one_clear_line_without_the_password(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "policyd.cfg"
+    path.write_text(f"database = {url}\n")
+    path.chmod(0o600)
+    result = run("check-config", "-c", str(path))
+    assert result.exit_code == 2, result.output
+    assert "s3cr3t" not in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("policyd: ")]
+    assert "URL" in line, line
+
+
 def assert_mysql_verdict(result: Result, url: str) -> None:
     """check-config's verdict on a mysql:// file: OK if its backend can be made, else refused."""
     try:

@@ -530,3 +530,34 @@ def test_bad_urls_are_refused_without_connecting(url: str, complaint: str) -> No
     with pytest.raises(ValueError, match=complaint) as caught:
         MySQLStorage.from_url(url, "events")
     assert "topsecret" not in str(caught.value)
+
+
+def test_several_hosts_are_tried_in_order() -> None:
+    store = MySQLStorage.from_url(
+        "mysql://u:s3cret@db1.example.org:3307,DB2.example.org,[2001:db8::1]:3309/policyd", "events"
+    )
+    assert store.nodes == (("db1.example.org", 3307), ("db2.example.org", 3306), ("2001:db8::1", 3309))
+    assert (store.node, store.host, store.port) == (0, "db1.example.org", 3307)
+    assert store.description == (
+        "mysql://u@db1.example.org:3307,db2.example.org:3306,[2001:db8::1]:3309/policyd table events"
+    )
+    assert "s3cret" not in store.description
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("mysql://u:topsecret@db1:3306,,db3:3306/db", "empty host"),
+        ("mysql://u:topsecret@db1:3306,db2:/db", "empty port"),
+        ("mysql://u:topsecret@db1:3306,db2:x/db", "port of db2"),
+        ("mysql://u:topsecret@db1:3306,db2:0/db", "port of db2"),
+        ("mysql://u:topsecret@db1,[::1/db", "IPv6"),
+        ("mysql://u:topsecret@db1,[::1]x/db", "brackets"),
+        ("mysql://u:topsecret@db1,db2/db?unix_socket=/run/mysqld/mysqld.sock", "one host"),
+        ("mysql://u:top,secret@db1,db2/", "database name"),
+    ],
+)
+def test_bad_host_lists_are_refused_without_the_password(url: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint) as caught:
+        MySQLStorage.from_url(url, "events")
+    assert "topsecret" not in str(caught.value) and "secret" not in str(caught.value)

@@ -188,7 +188,9 @@ def parse_log_level(text: str) -> str:
 
 def parse_database(text: str) -> str:
     if "://" not in text:
-        raise ValueError(f"{text!r} is not a URL like sqlite:///var/lib/policyd/policyd.sqlite")
+        # Not echoed when it may hold a password (a mistyped mysql:user:pw@host...).
+        shown = "the value" if "@" in text else repr(text)
+        raise ValueError(f"{shown} is not a URL like sqlite:///var/lib/policyd/policyd.sqlite")
     return text
 
 

@@ -5,14 +5,17 @@ only what others wrote (other relays, an earlier run of its own before a restart
 go-policyd): what it decided itself is in its window already.
 
 The load at start reads, grouped by user in one query, the events of the longest window
-up to a fence (the highest row id minus TAIL_OVERLAP_IDS); the tail then reads every row
-after the fence one by one, every TAIL_INTERVAL_SECONDS.
+up to a fence (the highest row id minus TAIL_OVERLAP_IDS rows' worth of ids); the tail
+then reads every row after the fence one by one, every TAIL_INTERVAL_SECONDS.
 
 Row ids are given at insert, not at commit: a transaction holding id 7 may become
 visible after one holding id 8.  So the tail does not simply continue after the last id
 it saw: it re-reads every row above the table's highest id of SETTLE_SECONDS ago, and
-skips the ids it has already counted.  A row that becomes visible more than
-SETTLE_SECONDS after a higher one (a transaction stalled that long between insert and
+skips the ids it has already counted.  Nothing assumes ids are dense: on a Galera
+cluster each node hands out every Nth id (auto_increment_increment = N, its own
+offset), so ids have gaps and the nodes' rows interleave; the overlaps are counted in
+rows (TAIL_OVERLAP_IDS times the storage's id_step ids).  A row that becomes visible
+more than SETTLE_SECONDS after a higher one (a transaction stalled that long between insert and
 commit) is not counted by daemons already running; they count it at their next start.
 """
 
@@ -105,7 +108,8 @@ class WindowSync:
         started = time.monotonic()
         now = self.clock()
         async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
-            fence = max(0, await self.storage.max_event_id() - TAIL_OVERLAP_IDS)
+            top = await self.storage.max_event_id()
+            fence = max(0, top - TAIL_OVERLAP_IDS * self.storage.id_step)
             since = now - timedelta(milliseconds=self.window.longest)
             histories = await self.storage.load_window(since, fence, self.origin if own_rows else None)
             adopted = self.decider.adopted
@@ -281,10 +285,11 @@ class WindowSync:
 
     def _settle(self) -> None:
         """Move `low` up to the cursor of SETTLE_SECONDS ago (never more than
-        TAIL_OVERLAP_IDS below the cursor, never above it); forget ids at or below it."""
+        TAIL_OVERLAP_IDS rows' worth of ids below the cursor, never above it); forget ids
+        at or below it."""
         now = time.monotonic()
         self._marks.append((now, self.cursor))
-        low = max(self.low, self.cursor - TAIL_OVERLAP_IDS)
+        low = max(self.low, self.cursor - TAIL_OVERLAP_IDS * self.storage.id_step)
         while self._marks and self._marks[0][0] <= now - SETTLE_SECONDS:
             low = max(low, self._marks.popleft()[1])
         low = min(low, self.cursor)

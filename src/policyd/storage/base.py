@@ -185,6 +185,10 @@ class Storage(abc.ABC):
 
     def __init__(self, table: str) -> None:
         self.table = check_table_name(table)
+        # How far apart consecutive row ids are (auto_increment_increment: on a Galera
+        # cluster each node hands out every Nth id), as last seen; the tail scales the
+        # number of ids it re-reads by it, so that it covers as many rows.
+        self.id_step = 1
 
     @classmethod
     @abc.abstractmethod

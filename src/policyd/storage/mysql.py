@@ -3,7 +3,9 @@
 ``mysql://user:password@host:3306/dbname`` (or ``mariadb://``); user and password are
 URL-decoded, the port defaults to 3306; ``?unix_socket=/run/mysqld/mysqld.sock`` connects
 over a unix socket instead of TCP and ``?charset=utf8mb4`` is accepted (utf8mb4 is the
-only charset that holds every name, so it is the only one allowed).
+only charset that holds every name, so it is the only one allowed).  Several hosts,
+libpq style: ``mysql://user:password@db1:3306,db2:3306,db3:3306/dbname`` (a Galera
+cluster's nodes), see "Several hosts" below.
 
 One clock: UTC
 --------------
@@ -31,10 +33,29 @@ before it: after a server restart or a failover to another Galera node behind th
 address they are all stale, and the next call opens a fresh one.  A call that failed
 that way on a connection it had already got is retried once on a fresh connection when
 that is safe: reads, purge batches, and add_events (idempotent on event_id, so a batch
-whose COMMIT may or may not have landed is simply written again).  Galera certification
-failures (1213) are retried the same way.  migrate() is never retried.  If the server is
+whose COMMIT may or may not have landed is simply written again).  Deadlocks and Galera
+certification failures (1213) are retried up to 3 times.  migrate() is never retried.  If the server is
 down the call fails at once (connection refused) or after the 3 s connect timeout, as a
 StorageError; nothing needs restarting when it comes back.
+
+Several hosts
+-------------
+The nodes are tried in order, each with a pool of its own, opened when first used.  A
+node that cannot be connected to (refused, the 3 s connect timeout), whose connection
+broke, or that is not ready (1047: a Galera node out of the primary component) makes the
+call go on with the next node at once, within the caller's bound; a write that may or
+may not have committed on the node that failed is written again (idempotent).  While on
+a later node, a background check every PREFERRED_NODE_RETRY_SECONDS goes back to the
+first earlier node that takes a connection and, on Galera, is Synced in a primary
+component.  One warning line per change of node.
+
+On a Galera node each session sets ``wsrep_sync_wait = 1``: its reads wait until the
+node has applied what the cluster committed before them, so a read on one node sees a
+commit acknowledged on another (the cross-relay bound).  Certification conflicts (1213)
+are retried up to CONFLICT_RETRIES times.  A write's ``ON DUPLICATE KEY UPDATE`` absorbs
+only its own event_id: when the cluster changes size, Galera changes each node's
+auto_increment offset, and an id handed out locally may collide with another node's row
+being applied; that insert fails (and is retried) instead of updating the other row.
 
 Schema (created or upgraded in place by migrate())
 ----------------------------------------------------
@@ -91,8 +112,11 @@ migrate() upgrades the table in place, keeping every row:
 
 Every step is planned from information_schema, so migrate() is idempotent and
 ``pending_migrations()`` lists exactly what it would do.  A named lock (GET_LOCK) keeps
-two processes from migrating at once.  On Galera the ALTER runs in total order isolation
-(every node waits for it): migrate a big table at a quiet time.
+two processes from migrating at once; on Galera it holds on one node only, so migrate()
+runs one statement at a time, and one that collides with the same change made meanwhile
+by another node (1050 table exists, 1060 duplicate column, ...) plans the rest again.
+On Galera the ALTER runs in total order isolation (every node waits for it): migrate a
+big table at a quiet time.
 
 go-policyd after the migration: it can still write.  Its INSERT
 (``INSERT INTO events SET sasl_username=?, sender=?, client_address=?,
@@ -109,8 +133,10 @@ before migrating on a server that is not in UTC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -160,6 +186,18 @@ POOL_RECYCLE_SECONDS = 600
 MAX_STATEMENT_BYTES = 1_000_000
 # How long migrate() waits for another process that is migrating the same table.
 MIGRATE_LOCK_SECONDS = 60
+# How many times migrate() plans again after colliding with another process's change.
+MIGRATE_COLLISIONS = 5
+# With several nodes in the URL: while on a later node, how often an earlier one is
+# tried again (in the background; it is used again once it answers, Synced on Galera).
+PREFERRED_NODE_RETRY_SECONDS = 5.0
+# With several nodes, one operation's bound (not migrate() nor the load at start): a
+# node that takes longer has stopped answering, and the next call goes to the next node.
+NODE_TIMEOUT_SECONDS = 10.0
+# A deadlock or a Galera certification conflict (1213): retried this many times, after
+# a pause of CONFLICT_PAUSE_SECONDS times the attempt number.
+CONFLICT_RETRIES = 3
+CONFLICT_PAUSE_SECONDS = 0.01
 
 SESSION_SQL = "SET time_zone = '+00:00', sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'"
 
@@ -177,6 +215,8 @@ USER_KEY_COMMENT = (
     f"policyd v1: sasl_username if <= {USER_KEY_VERBATIM} chars, "
     f"else first {USER_KEY_PREFIX} + # + sha256 hex"
 )
+
+_EVENT_ID_LENGTH = 32
 
 _TEXT = "TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
 
@@ -197,6 +237,21 @@ _SCHEMA_CHANGED_CODES = frozenset({1054, 1146})  # unknown column, no such table
 _CANNOT_CONNECT_CODES = frozenset({2002, 2003, 2005})
 # The table, or a column of it, is missing: 1146 no such table, 1054 unknown column.
 _MISSING_SCHEMA_CODES = frozenset({1146, 1054})
+# What a schema change gets when another process made the same change just before it.
+_CONCURRENT_DDL_CODES = frozenset(
+    {
+        1050,  # table already exists
+        1060,  # duplicate column name
+        1061,  # duplicate key name
+        1068,  # multiple primary key defined
+        1091,  # can't drop: it does not exist
+        1213,  # deadlock (a Galera conflict with the other node's statement)
+    }
+)
+
+
+class _RowCollision(Exception):
+    """An INSERT hit another event's row (not a duplicate of its own event_id)."""
 
 
 def _user_key_sql(operand: str) -> str:
@@ -414,6 +469,36 @@ class _Step:
     time_zone: str | None = None
 
 
+def _parse_port(text: str, host: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad mysql:// URL: port of {host or 'the host'} must be a number from 1 to 65535")
+    return int(text)
+
+
+def _parse_hosts(hostlist: str) -> list[tuple[str, int]]:
+    """``host[:port]`` pairs separated by commas (libpq's multi-host form); IPv6
+    addresses in brackets.  An empty list for no host at all (a unix socket URL)."""
+    if not hostlist:
+        return []
+    nodes: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        if item.startswith("["):
+            host, bracket, rest = item[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError("bad mysql:// URL: an IPv6 address goes in brackets, as [::1]:3306")
+            port_text = rest[1:] if rest else ""
+        else:
+            host, colon, port_text = item.partition(":")
+            if colon and not port_text:
+                raise ValueError(f"bad mysql:// URL: {host or 'a host'} has an empty port")
+        if not host:
+            raise ValueError("bad mysql:// URL: an empty host in the list (want host1:3306,host2:3306)")
+        if any(char in host for char in "@/?# "):
+            raise ValueError("bad mysql:// URL: a host name with a character not allowed in one")
+        nodes.append((host.lower(), _parse_port(port_text, host) if port_text else DEFAULT_PORT))
+    return nodes
+
+
 def _parse_url(url: str) -> dict[str, Any]:
     """The connection settings of a mysql:// URL (never echoes the URL: it has a password)."""
     scheme, _, _ = url.partition("://")
@@ -421,7 +506,6 @@ def _parse_url(url: str) -> dict[str, Any]:
         raise ValueError("not a mysql:// or mariadb:// URL")
     try:
         parts = urlsplit(url)
-        port = parts.port
     except ValueError as error:
         raise ValueError(f"bad mysql:// URL: {error}") from None
     query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
@@ -439,11 +523,15 @@ def _parse_url(url: str) -> dict[str, Any]:
         )
     if parts.fragment:
         raise ValueError("mysql:// URL: unexpected #fragment")
-    host = parts.hostname or ""
-    if not host and not unix_socket:
+    # Not parts.hostname/port: they do not know several hosts.
+    _, _, hostlist = parts.netloc.rpartition("@")
+    nodes = _parse_hosts(hostlist)
+    if not nodes and not unix_socket:
         raise ValueError("mysql:// URL without a host (want mysql://user:password@host:3306/dbname)")
     if unix_socket is not None and not unix_socket.startswith("/"):
         raise ValueError("mysql:// URL: unix_socket must be an absolute path")
+    if unix_socket is not None and len(nodes) > 1:
+        raise ValueError("mysql:// URL: unix_socket goes with one host, not a list of them")
     database = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
     if not database or "/" in database:
         raise ValueError("mysql:// URL without a database name (want mysql://user:password@host:3306/dbname)")
@@ -454,8 +542,7 @@ def _parse_url(url: str) -> dict[str, Any]:
     user = unquote(parts.username) if parts.username is not None else ""
     password = unquote(parts.password) if parts.password is not None else ""
     return {
-        "host": host or "localhost",
-        "port": port if port is not None else DEFAULT_PORT,
+        "nodes": nodes or [("localhost", DEFAULT_PORT)],
         "user": user,
         "password": password,
         "database": database,
@@ -464,12 +551,16 @@ def _parse_url(url: str) -> dict[str, Any]:
     }
 
 
+def _node_text(node: tuple[str, int]) -> str:
+    host, port = node
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class MySQLStorage(Storage):
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
+        nodes: Sequence[tuple[str, int]] = (("localhost", DEFAULT_PORT),),
         user: str,
         password: str,
         database: str,
@@ -478,44 +569,69 @@ class MySQLStorage(Storage):
         scheme: str = "mysql",
     ) -> None:
         super().__init__(table)
-        self.host = host
-        self.port = port
+        if not nodes:
+            raise ValueError("no database host")
+        # The servers in order of preference (a Galera cluster's nodes): the first that
+        # answers is used; see _acquire and _prefer_earlier_node.
+        self.nodes: tuple[tuple[str, int], ...] = tuple(nodes)
+        self.node = 0  # index of the node in use
         self.user = user
         self._password = password
         self.database = database
         self.unix_socket = unix_socket
         self.scheme = scheme
-        self._pool: Any = None
+        self._pools: dict[int, Any] = {}  # node index -> aiomysql pool, opened on first use
+        self._open = False
         self._slots = asyncio.Semaphore(POOL_MAX)
+        self._pool_lock = asyncio.Lock()
         self._layout: _Layout | None = None
         # Loop time of the last "connection is broken" error: pooled connections opened
         # before it are not trusted any more.
         self._broken_at = float("-inf")
+        # Nodes known to run Galera (reads there wait for the cluster: wsrep_sync_wait).
+        self._galera: dict[int, bool] = {}
+        self._prepared: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions set up for their node
+        self._working = 0  # the node that last gave a connection
+        self._failure = ""  # why it is not used any more
+        self._all_failed = False  # the last attempt found no node answering
+        self._prober: asyncio.Task[None] | None = None
+        self._next_probe = 0.0
+        self._closing: set[asyncio.Task[None]] = set()
         # Calls that failed on a stale connection and were retried on a fresh one.
         self.retries = 0
+        # Times the node in use changed (to the next after a failure, back to an earlier one).
+        self.failovers = 0
 
     @classmethod
     def from_url(cls, url: str, table: str) -> MySQLStorage:
         return cls(table=table, **_parse_url(url))
 
     @property
+    def host(self) -> str:
+        """The host of the node in use."""
+        return self.nodes[self.node][0]
+
+    @property
+    def port(self) -> int:
+        return self.nodes[self.node][1]
+
+    @property
     def description(self) -> str:
-        where = f"{self.host}:{self.port}" if self.unix_socket is None else "localhost"
+        where = ",".join(map(_node_text, self.nodes)) if self.unix_socket is None else "localhost"
         socket = f"?unix_socket={self.unix_socket}" if self.unix_socket else ""
         user = f"{self.user}@" if self.user else ""
         return f"{self.scheme}://{user}{where}/{self.database}{socket} table {self.table}"
 
     @property
     def _where(self) -> str:
-        where = self.unix_socket or f"{self.host}:{self.port}"
+        nodes = self.nodes if self._all_failed else self.nodes[self.node : self.node + 1]
+        where = self.unix_socket or ",".join(map(_node_text, nodes))
         return f"mysql {where}/{self.database}"
 
     # ------------------------------------------------------------------
     # connections
 
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
+    def _settings(self, index: int) -> dict[str, Any]:
         settings: dict[str, Any] = {
             "user": self.user or None,
             "password": self._password,
@@ -528,29 +644,61 @@ class MySQLStorage(Storage):
         if self.unix_socket:
             settings["unix_socket"] = self.unix_socket
         else:
-            settings["host"] = self.host
-            settings["port"] = self.port
-        try:
+            settings["host"], settings["port"] = self.nodes[index]
+        return settings
+
+    async def _pool_of(self, index: int) -> Any:
+        pool = self._pools.get(index)
+        if pool is not None:
+            return pool
+        async with self._pool_lock:  # one pool per node, however many callers want it
+            pool = self._pools.get(index)
+            if pool is not None:
+                return pool
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
             # cancellation that arrives as the awaited thing finishes.
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS * 2):
-                self._pool = await aiomysql.create_pool(
-                    minsize=POOL_MIN, maxsize=POOL_MAX, pool_recycle=POOL_RECYCLE_SECONDS, **settings
+                pool = await aiomysql.create_pool(
+                    minsize=POOL_MIN,
+                    maxsize=POOL_MAX,
+                    pool_recycle=POOL_RECYCLE_SECONDS,
+                    **self._settings(index),
                 )
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            raise self._error("connecting", error) from error
+            if not self._open:  # closed meanwhile
+                pool.terminate()
+                raise StorageError(f"{self._where}: storage is not open")
+            self._pools[index] = pool
+        return pool
+
+    async def open(self) -> None:
+        if self._open:
+            return
+        self._open = True
         try:
+            try:
+                async with self._connection():
+                    pass
+            except (asyncio.CancelledError, StorageError):
+                raise
+            except Exception as error:
+                raise self._error("connecting", error) from error
             self._layout = await self._run("reading the schema", self._read_layout, retry_safe=True)
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
+        self._open = False
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.cancel()
+            with contextlib.suppress(BaseException):
+                await prober
+        pools, self._pools = list(self._pools.values()), {}
+        await asyncio.gather(*(self._close_pool(pool) for pool in pools), *self._closing)
+
+    @staticmethod
+    async def _close_pool(pool: Any) -> None:
         try:
             # Say goodbye to idle connections (COM_QUIT), so the server logs no aborted ones.
             async with asyncio.timeout(2):
@@ -564,12 +712,73 @@ class MySQLStorage(Storage):
         except Exception:
             pool.terminate()
 
-    def _require_pool(self) -> Any:
-        if self._pool is None:
-            raise StorageError(f"{self._where}: storage is not open")
-        return self._pool
+    def _retire_pool(self, index: int) -> None:
+        """Stop using node `index`'s pool; its connections in use close when released."""
+        pool = self._pools.pop(index, None)
+        if pool is not None:
+            task = asyncio.get_running_loop().create_task(self._close_pool(pool))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
-    async def _acquire(self, pool: Any) -> Any:
+    def _use_node(self, index: int) -> None:
+        if index == self.node:
+            return
+        self._retire_pool(self.node)
+        self.node = index
+        self.failovers += 1
+
+    def _node_failed(self, index: int, error: BaseException) -> None:
+        """Node `index` failed (cannot connect, connection broken, not ready): go on with
+        the next one in the list, if there is another and it is still the one in use."""
+        if len(self.nodes) > 1 and index == self.node:
+            if index == self._working:
+                self._failure = f"failed ({self._error_detail(error)})"
+            log.debug("%s: %s", self._where, self._error_detail(error))
+            self._use_node((index + 1) % len(self.nodes))
+
+    def _node_works(self, index: int) -> None:
+        """Node `index` gave a connection: say so once, if it is not the one that did before."""
+        self._all_failed = False
+        previous, self._working = self._working, index
+        if previous != index and len(self.nodes) > 1:
+            # One line per change of node, not one per failed attempt: while every node
+            # is down, the daemon's outage says so instead.
+            log.warning(
+                "mysql %s/%s: %s; now using %s",
+                _node_text(self.nodes[previous]),
+                self.database,
+                self._failure,
+                _node_text(self.nodes[index]),
+            )
+
+    async def _acquire(self) -> tuple[int, Any, Any]:
+        """A connection: (node index, its pool, the connection).  With several nodes,
+        each is tried once, from the one in use on, before giving up."""
+        if not self._open:
+            raise StorageError(f"{self._where}: storage is not open")
+        self._maybe_probe()
+        failure: BaseException | None = None
+        for _ in range(len(self.nodes)):
+            index = self.node
+            try:
+                pool = await self._pool_of(index)
+                conn = await self._acquire_from(pool)
+                await self._prepare(index, conn, pool)
+            except (asyncio.CancelledError, StorageError):
+                raise
+            except Exception as error:
+                if len(self.nodes) == 1 or not (isinstance(error, TimeoutError) or self._is_broken(error)):
+                    raise
+                self._node_failed(index, error)
+                failure = error
+                continue
+            self._node_works(index)
+            return index, pool, conn
+        assert failure is not None
+        self._all_failed = True  # named all in the error
+        raise failure  # every node failed: the last one's error
+
+    async def _acquire_from(self, pool: Any) -> Any:
         while True:
             async with asyncio.timeout(
                 CONNECT_TIMEOUT_SECONDS + 2
@@ -582,14 +791,92 @@ class MySQLStorage(Storage):
             conn.close()
             await pool.release(conn)
 
+    async def _prepare(self, index: int, conn: Any, pool: Any) -> None:
+        """Once per session: on a Galera node, make its reads wait until the node has
+        applied what the cluster committed before them (wsrep_sync_wait = 1), so that a
+        read after another node's commit sees it (the bound of docs/shared-database.md)."""
+        if conn in self._prepared:
+            return
+        try:
+            async with conn.cursor() as cursor:
+                if index not in self._galera:
+                    try:
+                        await cursor.execute("SELECT @@wsrep_on")
+                        row = await cursor.fetchone()
+                        self._galera[index] = bool(row and _int(row[0]))
+                    except aiomysql.Error as error:
+                        if self._code(error) != 1193:  # unknown system variable: not MariaDB
+                            raise
+                        self._galera[index] = False
+                if self._galera[index]:
+                    await cursor.execute("SET SESSION wsrep_sync_wait = 1")
+        except BaseException:
+            conn.close()
+            await pool.release(conn)
+            raise
+        self._prepared.add(conn)
+
+    def _maybe_probe(self) -> None:
+        """While not on the first node, look every PREFERRED_NODE_RETRY_SECONDS (in the
+        background) whether an earlier node in the list is back."""
+        if self.node == 0 or self._prober is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_probe:
+            return
+        self._next_probe = loop.time() + PREFERRED_NODE_RETRY_SECONDS
+        self._prober = loop.create_task(self._prefer_earlier_node())
+
+    async def _prefer_earlier_node(self) -> None:
+        try:
+            for index in range(self.node):
+                if await self._node_is_ready(index):
+                    if self._open and index < self.node:
+                        self._failure = f"{_node_text(self.nodes[index])} is back"
+                        self._use_node(index)
+                    return
+        finally:
+            self._prober = None
+
+    async def _node_is_ready(self, index: int) -> bool:
+        """Whether node `index` takes connections and, if it runs Galera, is Synced
+        with a primary component (a node still catching up after a restart is not)."""
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS + 2):
+                conn = await aiomysql.connect(**self._settings(index))
+        except Exception:
+            return False
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS), conn.cursor() as cursor:
+                try:
+                    await cursor.execute("SELECT @@wsrep_on")
+                except aiomysql.Error as error:
+                    return self._code(error) == 1193  # not MariaDB: no more to check
+                row = await cursor.fetchone()
+                if not (row and _int(row[0])):
+                    return True
+                await cursor.execute(
+                    "SHOW GLOBAL STATUS WHERE Variable_name IN "
+                    "('wsrep_ready', 'wsrep_local_state', 'wsrep_cluster_status')"
+                )
+                status = {_text(name).lower(): _text(value) for name, value in await cursor.fetchall()}
+            return (
+                status.get("wsrep_ready", "").upper() == "ON"
+                and status.get("wsrep_local_state") == "4"  # Synced
+                and status.get("wsrep_cluster_status", "").lower() == "primary"
+            )
+        except Exception:
+            return False
+        finally:
+            conn.close()
+
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
-        pool = self._require_pool()
+    async def _connection(self) -> AsyncIterator[tuple[int, Any]]:
         async with self._slots:  # never more waiters than connections: no waiting in the pool
-            conn = await self._acquire(pool)
+            index, pool, conn = await self._acquire()
             healthy = False
             try:
-                yield conn
+                yield index, conn
                 healthy = True
             finally:
                 if not healthy:
@@ -611,14 +898,17 @@ class MySQLStorage(Storage):
         code = self._code(error)
         return code in _BROKEN_CONNECTION_CODES or code in _CANNOT_CONNECT_CODES
 
-    def _error(self, what: str, error: BaseException) -> StorageError:
+    def _error_detail(self, error: BaseException) -> str:
         code = self._code(error)
         if isinstance(error, TimeoutError):
-            detail = "no answer in time"
-        elif code is not None and len(error.args) > 1:
-            detail = f"({code}) {error.args[1]}"
-        else:
-            detail = str(error) or type(error).__name__
+            return "no answer in time"
+        if code is not None and len(error.args) > 1:
+            return f"({code}) {error.args[1]}"
+        return str(error) or type(error).__name__
+
+    def _error(self, what: str, error: BaseException) -> StorageError:
+        detail = self._error_detail(error)
+        code = self._code(error)
         if code in _MISSING_SCHEMA_CODES:
             return SchemaMissing(f"{self._where}: {what}: {detail} (run `policyd migrate` to create it)")
         return StorageError(f"{self._where}: {what}: {detail}", hint=self._hint(code))
@@ -655,15 +945,21 @@ class MySQLStorage(Storage):
     ) -> T:
         """Run `operation` on a pooled connection; errors become StorageError.
 
-        Retried once on a fresh connection after a broken connection (or a deadlock, or a
-        table changed under us) when `retry_safe`.
+        When `retry_safe`: retried once on a fresh connection (on the next node, when
+        there are several) after a broken connection or a table changed under us, and up
+        to CONFLICT_RETRIES times after a deadlock or a Galera certification conflict.
         """
         loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
+        if timeout is not None and len(self.nodes) > 1:
+            timeout = min(timeout, NODE_TIMEOUT_SECONDS)
+        attempt = 0
+        while True:
+            attempt += 1
             got_connection = False
+            index = self.node
             try:
                 async with asyncio.timeout(timeout):
-                    async with self._connection() as conn:
+                    async with self._connection() as (index, conn):
                         got_connection = True
                         return await operation(conn)
             except asyncio.CancelledError:
@@ -675,20 +971,32 @@ class MySQLStorage(Storage):
                 code = self._code(error)
                 if broken:
                     self._broken_at = loop.time()
+                    if got_connection:
+                        self._node_failed(index, error)
+                elif isinstance(error, TimeoutError) and got_connection:
+                    # A node that stopped answering (a host gone silent: no reset, no
+                    # refusal): the next call tries the next node.  Not retried here:
+                    # the time is spent.
+                    self._node_failed(index, error)
                 if code in _SCHEMA_CHANGED_CODES:
                     self._layout = None  # read it again: someone migrated or dropped the table
+                conflict = (code in _RETRYABLE_CODES or isinstance(error, _RowCollision)) and (
+                    attempt <= CONFLICT_RETRIES
+                )
                 retry = (
                     retry_safe
-                    and attempt == 1
                     and got_connection
-                    and (broken or code in _RETRYABLE_CODES or code in _SCHEMA_CHANGED_CODES)
+                    and (conflict or (attempt == 1 and (broken or code in _SCHEMA_CHANGED_CODES)))
                 )
                 if not retry:
                     raise self._error(what, error) from error
                 self.retries += 1
                 # debug: the daemon logs the outage itself, once, if the retry fails too.
                 log.debug("%s: %s failed (%s); retrying on a fresh connection", self._where, what, error)
-        raise AssertionError("unreachable")  # pragma: no cover
+                if conflict:
+                    # Another transaction won (a deadlock, or on Galera another node's
+                    # write certified first): a short pause, growing, then again.
+                    await asyncio.sleep(CONFLICT_PAUSE_SECONDS * attempt)
 
     # ------------------------------------------------------------------
     # schema
@@ -750,7 +1058,9 @@ class MySQLStorage(Storage):
             lines.append(f"  {kind} {_q(name)} ({', '.join(map(_q, columns))})")
         body = ",\n".join(lines)
         return (
-            f"CREATE TABLE IF NOT EXISTS {_q(self.table)} (\n{body}\n) "
+            # Not IF NOT EXISTS: a table made meanwhile by another process (a daemon on
+            # another Galera node) is error 1050, and migrate() plans again.
+            f"CREATE TABLE {_q(self.table)} (\n{body}\n) "
             f"ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={_TABLE_COLLATION} ROW_FORMAT=DYNAMIC"
         )
 
@@ -886,6 +1196,18 @@ class MySQLStorage(Storage):
                 f"{self._where}: {name} {version} is too old: policyd needs {name} >= {wanted}"
             )
 
+    @staticmethod
+    async def _apply(cursor: Any, step: _Step) -> None:
+        """One statement, committed by itself (DDL commits anyway)."""
+        if step.time_zone is None:
+            await cursor.execute(step.statement)
+            return
+        await cursor.execute("SET time_zone = %s", (step.time_zone,))
+        try:
+            await cursor.execute(step.statement)
+        finally:
+            await cursor.execute("SET time_zone = '+00:00'")
+
     async def migrate(self) -> list[str]:
         lock_name = "policyd-migrate-" + hashlib.sha1(f"{self.database}.{self.table}".encode()).hexdigest()
 
@@ -904,22 +1226,37 @@ class MySQLStorage(Storage):
                         f"{self._where}: another process has been migrating {self.table} for "
                         f"{MIGRATE_LOCK_SECONDS}s; try again later"
                     )
+                done: list[_Step] = []
                 try:
+                    # On Galera the named lock holds on one node only, so daemons on
+                    # other nodes may migrate at the same moment.  Each DDL statement runs
+                    # in total order on every node; one that collides with the same change
+                    # made just before by another node (a duplicate column, say) makes the
+                    # rest be planned again from what the table now is.
                     steps = await self._plan(conn)
-                    for step in steps:
-                        # One statement each, committed by itself (DDL commits anyway).
-                        if step.time_zone is None:
-                            await cursor.execute(step.statement)
-                            continue
-                        await cursor.execute("SET time_zone = %s", (step.time_zone,))
+                    collisions = 0
+                    while steps:
+                        step = steps.pop(0)
                         try:
-                            await cursor.execute(step.statement)
-                        finally:
-                            await cursor.execute("SET time_zone = '+00:00'")
+                            await self._apply(cursor, step)
+                        except aiomysql.Error as error:
+                            if self._code(error) not in _CONCURRENT_DDL_CODES:
+                                raise
+                            collisions += 1
+                            if collisions > MIGRATE_COLLISIONS:
+                                raise
+                            log.info(
+                                "schema: %s changed meanwhile (another daemon migrating?): %s",
+                                self.table,
+                                self._error_detail(error),
+                            )
+                            steps = await self._plan(conn)
+                            continue
+                        done.append(step)
                 finally:
                     await cursor.execute("DO RELEASE_LOCK(%s)", (lock_name,))
             self._layout = await self._read_layout(conn)
-            return [description for step in steps for description in step.descriptions]
+            return [description for step in done for description in step.descriptions]
 
         return await self._run("migrating the schema", run, retry_safe=False, timeout=None)
 
@@ -983,7 +1320,15 @@ class MySQLStorage(Storage):
         # BEGIN and COMMIT.  Not INSERT IGNORE: that would turn real errors (a value too
         # long...) into warnings.
         head = f"INSERT INTO {_q(self.table)} ({EVENT_COLUMNS}) VALUES "
-        tail = " ON DUPLICATE KEY UPDATE event_id = event_id"
+        # A duplicate event_id is this very event, written before (a retried batch whose
+        # COMMIT may have landed): nothing to do.  A duplicate of anything else is another
+        # event's row, and must not swallow this one: on Galera a node may hand out an id
+        # another node's row already holds (while the cluster changes size); then the
+        # assignment fails (too long for CHAR(32): strict mode) and the batch is retried.
+        tail = (
+            " ON DUPLICATE KEY UPDATE event_id = "
+            f"IF(event_id <=> VALUES(event_id), event_id, REPEAT('!', {_EVENT_ID_LENGTH + 1}))"
+        )
         statements: list[str] = []
         values: list[str] = []
         size = 0
@@ -1005,14 +1350,22 @@ class MySQLStorage(Storage):
                     f"{self._where}: table {self.table} still has go-policyd's layout; "
                     "run `policyd migrate` to upgrade it"
                 )
-            async with conn.cursor() as cursor:
-                if len(statements) == 1:
-                    await cursor.execute(statements[0])
-                    return
-                await conn.begin()
-                for statement in statements:
-                    await cursor.execute(statement)
-                await conn.commit()
+            try:
+                async with conn.cursor() as cursor:
+                    if len(statements) == 1:
+                        await cursor.execute(statements[0])
+                        return
+                    await conn.begin()
+                    for statement in statements:
+                        await cursor.execute(statement)
+                    await conn.commit()
+            except aiomysql.Error as error:
+                if self._code(error) == 1406 and "'event_id'" in str(error):
+                    log.warning(
+                        "%s: an event's row id was taken by another row; writing it again", self._where
+                    )
+                    raise _RowCollision(*error.args) from error
+                raise
 
         await self._run("recording events", run, retry_safe=True)
 
@@ -1026,11 +1379,18 @@ class MySQLStorage(Storage):
             if "id" not in layout.columns:
                 return 0  # go-policyd's table has no ids (until migrated): nothing to tail
             async with conn.cursor() as cursor:
-                await cursor.execute(f"SELECT COALESCE(MAX(id), 0) FROM {_q(self.table)}")
+                await cursor.execute(
+                    f"SELECT COALESCE(MAX(id), 0), @@auto_increment_increment FROM {_q(self.table)}"
+                )
                 row = await cursor.fetchone()
+            self._note_id_step(row)
             return _int(row[0]) if row else 0
 
         return await self._run("reading the last event id", run, retry_safe=True)
+
+    def _note_id_step(self, row: Any) -> None:
+        if row and len(row) > 1:
+            self.id_step = max(1, _int(row[1]))
 
     async def load_window(
         self, since: datetime, up_to_id: int, exclude_origin: str | None, before: datetime | None = None
@@ -1136,8 +1496,9 @@ class MySQLStorage(Storage):
                     (after_id, exclude_origin, limit),
                 )
                 rows = await cursor.fetchall()
-                await cursor.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}")
+                await cursor.execute(f"SELECT COALESCE(MAX(id), 0), @@auto_increment_increment FROM {table}")
                 top = await cursor.fetchone()
+            self._note_id_step(top)
             return Tail(
                 [
                     TailRow(_int(row_id), _text(user), _int(at), _int(count), _int(code), _text(origin))
