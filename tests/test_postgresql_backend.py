@@ -201,6 +201,9 @@ async def test_fresh_schema_types_and_indexes(pg: PgDatabase) -> None:
             "create index events_user_md5_ts",
             "create index events_ts",
             "create index events_event_id",
+            "create table events_overrides (per-user limit overrides)",
+            "create table events_lists (allow and block entries)",
+            "create table events_resets (resets of users' counted recipients)",
         ]
         assert await store.migrate() == pending
         assert await store.pending_migrations() == []
@@ -295,6 +298,9 @@ async def test_go_policyd_table_is_upgraded_in_place(pg: PgDatabase) -> None:
             "create index events_ts",
             "create index events_event_id",
             "analyze events",
+            "create table events_overrides (per-user limit overrides)",
+            "create table events_lists (allow and block entries)",
+            "create table events_resets (resets of users' counted recipients)",
         ]
         assert await store.migrate() == pending
         assert await store.pending_migrations() == []
