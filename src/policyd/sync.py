@@ -27,7 +27,8 @@ from datetime import datetime, timedelta
 from policyd.clock import from_ms, to_ms, utc_now
 from policyd.decider import Decider
 from policyd.logs import log
-from policyd.outage import Outage
+from policyd.outage import Outage, describe_error
+from policyd.rules import RuntimeRules
 from policyd.stats import Stats
 from policyd.storage import Storage, StorageError
 from policyd.window import OUTCOMES, Window
@@ -58,6 +59,12 @@ OTHERS_UNKNOWN_SECONDS = 2.0
 # How often users with nothing left in any window are dropped (and how many per pass).
 EXPIRE_INTERVAL_SECONDS = 10.0
 EXPIRE_BATCH_USERS = 50_000
+# The rules tables (overrides, allow / block entries, resets) are checked with the tail,
+# by one query of their largest ids and row counts, and read whole only when it changed:
+# a change made by `policyd quota|allow|block|reset` applies within about this interval.
+RULES_QUERY_TIMEOUT_SECONDS = 2.0
+# A failing read of the rules is said at most this often (the previous rules stay in use).
+RULES_ERROR_LOG_SECONDS = 600.0
 
 
 class WindowSync:
@@ -92,6 +99,10 @@ class WindowSync:
         self._assume_others_until = 0.0  # monotonic; see OTHERS_UNKNOWN_SECONDS
         self._ids_back_since: float | None = None  # monotonic; see IDS_BACK_SECONDS
         self.last_poll = 0.0  # monotonic time of the last successful poll
+        # The rules tables as last read (their signature), the resets applied to the window.
+        self.rules_signature: tuple[int, ...] | None = None
+        self._resets_applied: set[int] = set()
+        self._rules_error_logged = float("-inf")
 
     # -- the load ------------------------------------------------------------------
 
@@ -133,6 +144,7 @@ class WindowSync:
         # The rows after the fence, one by one, before the window is declared complete.
         async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
             await self._read_new(bounded=False)
+        await self.refresh_rules()
         self.decider.complete = True
         self._assume_others_until = time.monotonic() + OTHERS_UNKNOWN_SECONDS
         self.loaded.set()
@@ -156,6 +168,47 @@ class WindowSync:
         now_ms = to_ms(now)
         for history in histories:
             self.window.load(history.sasl_username, history.times, history.counts, history.codes, now_ms)
+
+    # -- the rules -----------------------------------------------------------------
+
+    async def refresh_rules(self) -> bool:
+        """Read the rules tables if they changed, and apply them (new resets to the
+        window); True if anything changed.  A failure is logged (not too often) and the
+        rules in use are kept: it is no outage of the events."""
+        try:
+            async with asyncio.timeout(RULES_QUERY_TIMEOUT_SECONDS):
+                signature = await self.storage.rules_signature()
+                if signature == self.rules_signature:
+                    return False
+                now_ms = to_ms(self.clock())
+                stored = await self.storage.load_rules(now_ms - self.window.longest)
+        except (StorageError, TimeoutError) as error:
+            now = time.monotonic()
+            if now - self._rules_error_logged >= RULES_ERROR_LOG_SECONDS:
+                self._rules_error_logged = now
+                log.warning(
+                    "could not read the rules tables, keeping the rules in use: %s", describe_error(error)
+                )
+            return False
+        runtime = RuntimeRules.build(stored.overrides, stored.entries, stored.resets)
+        first = self.rules_signature is None
+        self.rules_signature = signature
+        self.decider.set_runtime(runtime)
+        for reset in stored.resets:
+            if reset.reset_id in self._resets_applied:
+                continue
+            self._resets_applied.add(reset.reset_id)
+            forgotten = self.window.reset(reset.sasl_username, reset.before_ms)
+            if not first:
+                log.info(
+                    "reset of user %s applied: %d recipients forgotten (%s)",
+                    reset.sasl_username,
+                    forgotten,
+                    reset.reason or "no reason given",
+                )
+        if runtime.overrides or runtime.entries or not first:
+            log.info("rules %s: %s", "loaded" if first else "changed, applied", runtime.summary())
+        return True
 
     # -- the tail ------------------------------------------------------------------
 
@@ -313,6 +366,12 @@ class WindowSync:
             except Exception:
                 # A bug: say so, keep tailing (the window may lag; mail flows).
                 log.exception("reading other daemons' events failed unexpectedly")
+            if not self.outage.should_try():
+                continue
+            try:
+                await self.refresh_rules()
+            except Exception:
+                log.exception("applying the rules tables failed unexpectedly")
 
 
 def _span_text(milliseconds: int) -> str:
