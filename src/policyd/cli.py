@@ -420,7 +420,10 @@ def quota_show(config_path: str, user: str | None, as_json: bool) -> None:
         effective = apply_overrides(settings.rules, overrides, now_ms)
         limits = [format_limit(limit) for limit in effective.limits]
     if as_json:
-        _echo_json({"overrides": rows, **({"limits": limits} if name is not None else {})})
+        payload: dict[str, Any] = {"overrides": rows}
+        if name is not None:
+            payload["limits"] = limits
+        _echo_json(payload)
         return
     if not rows:
         click.echo("no overrides" + (f" for {printable(name)}" if name else ""))
@@ -579,27 +582,21 @@ def lists_command(config_path: str, as_json: bool) -> None:
     if not rows:
         click.echo("no allow or block entries")
         return
-    for row in rows:
-        where = f"config file ({'whitelist' if row['kind'] == 'allow' else 'blacklist'})"
-        if row["source"] == "config" and row["kind"] == "allow":
-            where += f", in whitelist_hours {settings.rules.whitelist_hours.spec}"
-        source = where if row["source"] == "config" else "database"
+    for entry, row in zip(entries, rows, strict=True):
+        if row["source"] != "config":
+            source = "database"
+        elif row["kind"] == "allow":
+            source = f"config file (whitelist, in whitelist_hours {settings.rules.whitelist_hours.spec})"
+        else:
+            source = "config file (blacklist)"
         click.echo(
             f"{row['kind']:<5}  {printable(row['target'])}"
             + (f"  user {printable(row['user'])}" if row["user"] else "")
-            + f"  {row['action']}  until {_ms_text(None if row['until'] is None else _iso_ms(row['until']))}"
+            + f"  {row['action']}  until {_ms_text(entry.until_ms)}"
             + f"  {source}"
             + (f"  {printable(row['reason'])}" if row["reason"] else "")
             + ("" if row["active"] else "  (expired)")
         )
-
-
-def _iso_ms(text: str) -> int:
-    from datetime import datetime
-
-    from policyd.clock import to_ms
-
-    return to_ms(datetime.fromisoformat(text))
 
 
 @main.command()

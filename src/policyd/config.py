@@ -313,10 +313,10 @@ IGNORED_LEGACY_KEYS = frozenset({"usesyslog", "pidfile"})
 
 def parse_lines(
     text: str, path: str
-) -> tuple[dict[str, tuple[int, Any]], dict[str, list[str]], list[str], list[str]]:
+) -> tuple[dict[str, tuple[int, Any]], dict[str, list[Any]], list[str], list[str]]:
     """Parse the file's text: (single values with line numbers, lists, problems, warnings)."""
     values: dict[str, tuple[int, Any]] = {}
-    lists: dict[str, list[str]] = {name: [] for name in REPEATABLE}
+    lists: dict[str, list[Any]] = {name: [] for name in REPEATABLE}
     problems: list[str] = []
     warnings: list[str] = []
     # Lines end at \n only (an optional \r before it is stripped), as in go-policyd and

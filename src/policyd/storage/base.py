@@ -366,6 +366,7 @@ class Storage(abc.ABC):
     async def remove_overrides(self, sasl_username: str, window_ms: int | None = None) -> int:
         """The user's overrides (of one window, or all); returns how many were removed."""
         t, d = self.table, self.dialect
+        statement: tuple[str, Sequence[Any]]
         if window_ms is None:
             statement = (schema.delete_sql(schema.OVERRIDES, t, d, "sasl_username = ?"), (sasl_username,))
         else:
@@ -403,6 +404,7 @@ class Storage(abc.ABC):
     async def remove_list_entries(self, target: str, sasl_username: str | None = None) -> int:
         """Entries for the target (of that user only, when given); returns how many."""
         t, d = self.table, self.dialect
+        statement: tuple[str, Sequence[Any]]
         if sasl_username is None:
             statement = (schema.delete_sql(schema.LISTS, t, d, "target = ?"), (target,))
         else:
