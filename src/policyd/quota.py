@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
 
 from policyd.protocol import PolicyRequest
-from policyd.rules import ALLOW, Matcher, RuntimeRules, make_entry
+from policyd.rules import ALLOW, EntryError, Matcher, RuntimeRules, make_entry
 
 # A Postfix queue id is hexadecimal (short ids) or letters and digits (long ids,
 # enable_long_queue_ids), at most 64 characters here; anything else is not recorded (the
@@ -208,8 +208,15 @@ class QuotaRules:
 
 @functools.lru_cache(maxsize=8)
 def _config_matcher(names: frozenset[str]) -> Matcher:
-    # The kind (allow) only decides how senders are matched: as go-policyd did, for both lists.
-    return Matcher(make_entry(ALLOW, name, source="config") for name in sorted(names))
+    # The kind (allow) only decides how senders are matched: as go-policyd did, for both
+    # lists.  An entry that can never match (config.py refuses it in a file) is left out.
+    entries = []
+    for name in sorted(names):
+        try:
+            entries.append(make_entry(ALLOW, name, source="config"))
+        except EntryError:
+            continue
+    return Matcher(entries)
 
 
 def precheck(
