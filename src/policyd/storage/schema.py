@@ -20,12 +20,15 @@ backend's driver.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
 SQLITE = "sqlite"
 MYSQL = "mysql"
 POSTGRESQL = "postgresql"
+# The longest table name every backend takes (PostgreSQL's; MariaDB's is 64).
+MAX_IDENTIFIER = 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +45,14 @@ class Table:
     what: str
 
     def name(self, events_table: str) -> str:
-        return f"{events_table}_{self.suffix}"
+        """<events table>_<suffix>; when that is longer than an identifier may be
+        (PostgreSQL: 63), the events table's name is cut and a digest of it added."""
+        name = f"{events_table}_{self.suffix}"
+        if len(name) <= MAX_IDENTIFIER:
+            return name
+        digest = hashlib.md5(events_table.encode(), usedforsecurity=False).hexdigest()[:8]
+        keep = MAX_IDENTIFIER - len(self.suffix) - len(digest) - 2
+        return f"{events_table[:keep]}_{digest}_{self.suffix}"
 
     @property
     def column_names(self) -> tuple[str, ...]:
