@@ -30,7 +30,8 @@ from policyd.logs import log
 from policyd.outage import Outage, describe_error
 from policyd.rules import RuntimeRules
 from policyd.stats import Stats
-from policyd.storage import Storage, StorageError
+from policyd.storage import SchemaMissing, Storage, StorageError
+from policyd.storage.base import StoredRules
 from policyd.window import OUTCOMES, Window
 
 # How often the tail asks for new rows.  With writes taking a few ms, a message another
@@ -63,7 +64,7 @@ EXPIRE_BATCH_USERS = 50_000
 # by one query of their largest ids and row counts, and read whole only when it changed:
 # a change made by `policyd quota|allow|block|reset` applies within about this interval.
 RULES_QUERY_TIMEOUT_SECONDS = 2.0
-# A failing read of the rules is said at most this often (the previous rules stay in use).
+# Missing rules tables are said at most this often (the previous rules stay in use).
 RULES_ERROR_LOG_SECONDS = 600.0
 
 
@@ -173,22 +174,14 @@ class WindowSync:
 
     async def refresh_rules(self) -> bool:
         """Read the rules tables if they changed, and apply them (new resets to the
-        window); True if anything changed.  A failure is logged (not too often) and the
-        rules in use are kept: it is no outage of the events."""
-        try:
-            async with asyncio.timeout(RULES_QUERY_TIMEOUT_SECONDS):
-                signature = await self.storage.rules_signature()
-                if signature == self.rules_signature:
-                    return False
-                now_ms = to_ms(self.clock())
-                stored = await self.storage.load_rules(now_ms - self.window.longest)
-        except (StorageError, TimeoutError) as error:
-            now = time.monotonic()
-            if now - self._rules_error_logged >= RULES_ERROR_LOG_SECONDS:
-                self._rules_error_logged = now
-                log.warning(
-                    "could not read the rules tables, keeping the rules in use: %s", describe_error(error)
-                )
+        window); True if anything changed.  A database failure is the outage's (one line
+        per incident, as the tail's); rules tables missing (not migrated) are said at most
+        every RULES_ERROR_LOG_SECONDS.  Either way the rules in use are kept."""
+        read = await self.outage.attempt(self._read_rules(), RULES_QUERY_TIMEOUT_SECONDS, kind="read")
+        if read is None:
+            return False
+        signature, stored = read
+        if stored is None:
             return False
         runtime = RuntimeRules.build(stored.overrides, stored.entries, stored.resets)
         first = self.rules_signature is None
@@ -209,6 +202,24 @@ class WindowSync:
         if runtime.overrides or runtime.entries or not first:
             log.info("rules %s: %s", "loaded" if first else "changed, applied", runtime.summary())
         return True
+
+    async def _read_rules(self) -> tuple[tuple[int, ...], StoredRules | None] | None:
+        """(signature, the tables' rows, or None if the signature is unchanged); None
+        when the tables are missing."""
+        try:
+            signature = await self.storage.rules_signature()
+            if signature == self.rules_signature:
+                return signature, None
+            return signature, await self.storage.load_rules(to_ms(self.clock()) - self.window.longest)
+        except SchemaMissing as error:
+            now = time.monotonic()
+            if now - self._rules_error_logged >= RULES_ERROR_LOG_SECONDS:
+                self._rules_error_logged = now
+                log.warning(
+                    "the rules tables cannot be read (%s); run `policyd migrate`. Keeping the rules in use",
+                    describe_error(error),
+                )
+            return None
 
     # -- the tail ------------------------------------------------------------------
 
