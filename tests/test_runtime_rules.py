@@ -129,3 +129,23 @@ async def test_rules_set_by_the_cli_are_applied_by_every_daemon_within_the_bound
     async with run_daemon(make_settings(url, table, quota=QUOTA, spool=f"{tmp_path}/s9")) as late:
         assert total(late.daemon, "phished") == 1
         assert quota_of(late.daemon, "teacher") == QUOTA
+
+
+async def test_missing_rules_tables_are_said_and_mail_flows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
+) -> None:
+    from tests.conftest import execute_admin_sql
+
+    url = f"sqlite://{tmp_path}/policyd.sqlite"
+    caplog.set_level(logging.INFO, logger="policyd")
+    async with run_daemon(make_settings(url, quota=QUOTA, reject_quota=2 * QUOTA)) as daemon:
+        execute_admin_sql(request, url, "DROP TABLE events_lists;")
+        deadline = time.monotonic() + 5
+        while "the rules tables cannot be read" not in caplog.text:
+            assert time.monotonic() < deadline, "the missing table was not said"
+            await asyncio.sleep(0.05)
+        client = await daemon.client()
+        assert await client.ask(sasl_username="alice", recipient_count=QUOTA) == "HOLD quota exceeded"
+        await client.close()
+        assert daemon.daemon.outage is not None and not daemon.daemon.outage.active
+    assert caplog.text.count("the rules tables cannot be read") == 1

@@ -174,10 +174,20 @@ class WindowSync:
 
     async def refresh_rules(self) -> bool:
         """Read the rules tables if they changed, and apply them (new resets to the
-        window); True if anything changed.  A database failure is the outage's (one line
-        per incident, as the tail's); rules tables missing (not migrated) are said at most
-        every RULES_ERROR_LOG_SECONDS.  Either way the rules in use are kept."""
-        read = await self.outage.attempt(self._read_rules(), RULES_QUERY_TIMEOUT_SECONDS, kind="read")
+        window); True if anything changed.  Either way the rules in use are kept.
+
+        A database failure is left to the tail and the writer, which report the
+        database's incidents (one line each, and its end): said here only at debug level,
+        and tried again at the next tail.  Rules tables missing (not migrated) are said
+        at most every RULES_ERROR_LOG_SECONDS."""
+        try:
+            async with asyncio.timeout(RULES_QUERY_TIMEOUT_SECONDS):
+                read = await self._read_rules()
+        except (StorageError, TimeoutError) as error:
+            log.debug(
+                "reading the rules tables failed (tried again with the tail): %s", describe_error(error)
+            )
+            return False
         if read is None:
             return False
         signature, stored = read
