@@ -88,10 +88,21 @@ def event(user: str, recipients: int, age: timedelta, outcome: Outcome = Outcome
 def top_rows(output: str) -> list[tuple[str, int, int, int, int]]:
     """(user, recipients, messages, held, rejected) of each line under the header."""
     lines = output.splitlines()
-    assert lines[0].split() == ["user", "recipients", "messages", "held", "rejected", "last", "seen", "(UTC)"]
+    assert lines[0].split() == [
+        "user",
+        "counted",
+        "recipients",
+        "messages",
+        "held",
+        "rejected",
+        "ips",
+        "last",
+        "seen",
+        "(UTC)",
+    ]
     rows = []
     for line in lines[1:]:
-        user, recipients, messages, held, rejected, _date, _time = line.split()
+        user, _counted, recipients, messages, held, rejected, _ips, _date, _time = line.split()
         rows.append((user, int(recipients), int(messages), int(held), int(rejected)))
     return rows
 
@@ -111,7 +122,21 @@ def test_help_lists_every_subcommand() -> None:
     result = run("--help")
     assert result.exit_code == 0
     assert "Postfix asks it about every message" in result.output
-    for command in ("serve", "check-config", "top", "purge", "migrate", "config-keys"):
+    for command in (
+        "serve",
+        "check-config",
+        "top",
+        "purge",
+        "migrate",
+        "config-keys",
+        "user",
+        "reset",
+        "quota",
+        "allow",
+        "block",
+        "unlist",
+        "lists",
+    ):
         assert f"  {command} " in result.output
 
 
@@ -282,6 +307,9 @@ MIGRATION_STEPS = [
     "create index events_user_ts",
     "create index events_ts",
     "create index events_event_id",
+    "create table events_overrides (per-user limit overrides)",
+    "create table events_lists (allow and block entries)",
+    "create table events_resets (resets of users' counted recipients)",
 ]
 
 
@@ -311,7 +339,13 @@ def test_migrate_uses_the_configured_table(config: Path, db_path: Path) -> None:
     result = run("migrate", "-c", str(config))
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == "create table mail_events"
-    assert tables(db_path) == {"mail_events"}
+    assert tables(db_path) == {
+        "mail_events",
+        "mail_events_overrides",
+        "mail_events_lists",
+        "mail_events_resets",
+        "sqlite_sequence",
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -375,11 +409,12 @@ def test_top_honours_the_window(config: Path, recorded: dict[str, datetime]) -> 
     one_hour = run("top", "-c", str(config), "-w", "1h")
     assert top_rows(one_hour.stdout) == [("bob", 200, 1, 0, 0), ("carol", 5, 1, 1, 0)]
     week = run("top", "-c", str(config), "--window", "7d")
+    # In the order of what the quota counts: dave's 7 were rejected, so counted 0.
     assert top_rows(week.stdout) == [
         ("alice", 5180, 4, 1, 1),
         ("bob", 210, 2, 0, 0),
-        ("dave", 7, 1, 0, 1),
         ("carol", 5, 1, 1, 0),
+        ("dave", 7, 1, 0, 1),
     ]
 
 

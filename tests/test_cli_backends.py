@@ -58,9 +58,9 @@ def test_migrate_top_purge(database: tuple[str, str], tmp_path: Path) -> None:
     code, output = run(config, "top")
     assert code == 0, output
     lines = output.splitlines()
-    assert lines[0].split()[:5] == ["user", "recipients", "messages", "held", "rejected"]
-    assert lines[1].split()[:5] == ["alice", "1530", "4", "1", "0"]
-    assert lines[2].split()[:5] == ["bob", "7", "1", "0", "1"]
+    assert lines[0].split()[:7] == ["user", "counted", "recipients", "messages", "held", "rejected", "ips"]
+    assert lines[1].split()[:7] == ["alice", "1530", "1530", "4", "1", "0", "1"]
+    assert lines[2].split()[:7] == ["bob", "0", "7", "1", "0", "1", "1"]
     assert len(lines) == 3  # "old" is outside the 24h window
     code, output = run(config, "top", "--window", "30d", "-n", "1")
     assert len(output.splitlines()) == 2

@@ -528,6 +528,7 @@ def test_describe_shows_every_effective_value(tmp_path: Path) -> None:
         ("defaultquota", "200"),
         ("rejectquota", "300"),
         ("window", "36h"),
+        ("limit", "(none)"),
         ("count_rejected", "yes"),
         ("unauthenticated_action", "REJECT Authenticate first"),
         ("whitelist", "alice, zed"),

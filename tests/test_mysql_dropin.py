@@ -342,7 +342,12 @@ async def test_missing_table_says_to_migrate(db: Database) -> None:
     try:
         with pytest.raises(StorageError, match="policyd migrate"):
             await store.recipients_since("alice", NOW - DAY, COUNTED)
-        assert await store.pending_migrations() == ["create table events"]
+        assert await store.pending_migrations() == [
+            "create table events",
+            "create table events_overrides (per-user limit overrides)",
+            "create table events_lists (allow and block entries)",
+            "create table events_resets (resets of users' counted recipients)",
+        ]
     finally:
         await store.close()
 

@@ -393,3 +393,115 @@ async def test_queue_ids_of_one_user(storage: Storage) -> None:
     assert await storage.queue_ids("alice", NOW - timedelta(days=1)) == {"4AB12", "4AB13"}
     assert await storage.queue_ids("alice", NOW - timedelta(days=7)) == {"4AB12", "4AB13", "OLD1"}
     assert await storage.queue_ids("carol", NOW - timedelta(days=7)) == set()
+
+
+# ---------------------------------------------------------------------------
+# the rules tables (storage/schema.py): overrides, allow / block entries, resets
+# ---------------------------------------------------------------------------
+
+
+async def test_rules_tables_round_trip_and_their_signature_moves(storage: Storage) -> None:
+    from policyd.rules import Override, Reset, make_entry
+
+    empty = await storage.rules_signature()
+    assert empty == (0,) * 6
+    rules = await storage.load_rules(0)
+    assert (rules.overrides, rules.entries, rules.resets) == ([], [], [])
+
+    now_ms = 1_790_000_000_000
+    teacher = Override("teacher", 86_400_000, 2000, 4000, now_ms + 1000, "class of 2,000", now_ms)
+    await storage.set_override(teacher)
+    await storage.set_override(Override("teacher", 3_600_000, 500, 900, None, "", now_ms))
+    # Set again: replaces that window's override.
+    replaced = Override("teacher", 86_400_000, 2500, 5000, None, "o'brien; DROP TABLE x --", now_ms)
+    await storage.set_override(replaced)
+    block = make_entry("block", "2001:db8::/32", action="REJECT", reason="botnet", created_ms=now_ms)
+    allow = make_entry("allow", "news@example.org", user="newsletter", until_ms=now_ms + 5, created_ms=now_ms)
+    await storage.add_list_entry(block)
+    await storage.add_list_entry(allow)
+    await storage.add_reset(Reset(0, "phished", now_ms, "password changed", now_ms))
+    await storage.add_reset(Reset(0, "old", now_ms - 10**9, "long ago", now_ms))
+
+    signature = await storage.rules_signature()
+    assert signature != empty
+    rules = await storage.load_rules(now_ms - 1000)
+    assert sorted((o.window_ms, o.hold, o.reject, o.until_ms, o.reason) for o in rules.overrides) == [
+        (3_600_000, 500, 900, None, ""),
+        (86_400_000, 2500, 5000, None, "o'brien; DROP TABLE x --"),
+    ]
+    assert [(e.kind, e.target, e.user, e.action, e.until_ms, e.reason) for e in rules.entries] == [
+        ("block", "2001:db8::/32", "", "REJECT", None, "botnet"),
+        ("allow", "news@example.org", "newsletter", "HOLD", now_ms + 5, ""),
+    ]
+    assert all(entry.entry_id > 0 for entry in rules.entries)
+    [reset] = rules.resets  # the old one is before the window asked for
+    assert (reset.sasl_username, reset.before_ms, reset.reason) == ("phished", now_ms, "password changed")
+    assert reset.reset_id > 0
+
+    assert await storage.remove_overrides("teacher", 3_600_000) == 1
+    assert await storage.rules_signature() != signature
+    assert await storage.remove_overrides("teacher") == 1
+    assert await storage.remove_overrides("teacher") == 0
+    assert await storage.remove_list_entries("news@example.org", "someone-else") == 0
+    assert await storage.remove_list_entries("news@example.org") == 1
+    rules = await storage.load_rules(0)
+    assert rules.overrides == [] and [e.target for e in rules.entries] == ["2001:db8::/32"]
+    assert len(rules.resets) == 2
+
+
+async def test_rules_tables_keep_hostile_text_verbatim(storage: Storage) -> None:
+    from policyd.rules import make_entry
+
+    for name in ("o'brien", "back\\slash", "unicode-éß-名前", "per%cent", "x'OR'1'='1"):
+        await storage.add_list_entry(make_entry("block", name, reason=name + " ?? $1 %s"))
+    rules = await storage.load_rules(0)
+    assert [(e.target, e.reason) for e in rules.entries] == [
+        (name.lower(), name + " ?? $1 %s")
+        for name in ("o'brien", "back\\slash", "unicode-éß-名前", "per%cent", "x'OR'1'='1")
+    ]
+
+
+async def test_user_events_and_top_for_one_user(storage: Storage) -> None:
+    await storage.add_events(
+        [
+            event("alice", 10, timedelta(minutes=3)),
+            Event(NOW - timedelta(minutes=2), "alice", "other@example.org", "2001:db8::1", 5, Outcome.HOLD),
+            event("alice", 300, timedelta(minutes=1), Outcome.REJECT),
+            event("alice", 7, timedelta(hours=30)),
+            event("bob", 1),
+        ]
+    )
+    events = (await storage.user_events("alice", NOW - timedelta(hours=24), 100))[::-1]
+    assert [(e.recipient_count, e.outcome, e.sender, e.client_address) for e in events] == [
+        (10, Outcome.DUNNO, "alice@example.org", "192.0.2.1"),
+        (5, Outcome.HOLD, "other@example.org", "2001:db8::1"),
+        (300, Outcome.REJECT, "alice@example.org", "192.0.2.1"),
+    ]
+    assert events[0].ts == NOW - timedelta(minutes=3)
+    assert all(len(e.event_id) == 32 for e in events)
+    [top] = await storage.top_senders(NOW - timedelta(hours=24), 10, "alice")
+    assert (top.sasl_username, top.counted, top.recipients, top.client_addresses) == ("alice", 15, 315, 2)
+    [top] = await storage.top_senders(NOW - timedelta(hours=24), 10, "alice", ALL)
+    assert top.counted == 315
+    everyone = await storage.top_senders(NOW - timedelta(hours=24), 10)
+    assert [(s.sasl_username, s.counted) for s in everyone] == [("alice", 15), ("bob", 1)]
+
+
+async def test_migrate_creates_the_rules_tables_once(database: tuple[str, str]) -> None:
+    url, table = database
+    store = create_storage(url, table)
+    await store.open()
+    try:
+        steps = await store.migrate()
+        assert [step for step in steps if step.startswith("create table") and step.endswith(")")] == [
+            f"create table {table.lower() if url.startswith('postgres') else table}_{suffix} ({what})"
+            for suffix, what in (
+                ("overrides", "per-user limit overrides"),
+                ("lists", "allow and block entries"),
+                ("resets", "resets of users' counted recipients"),
+            )
+        ]
+        assert await store.pending_migrations() == []
+        assert await store.migrate() == []
+    finally:
+        await store.close()

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ from policyd import __version__
 from policyd.config import DEFAULT_CONFIG_PATH, KEYS, ConfigError, Settings, load_settings, parse_duration
 from policyd.held import HeldMessage, PostfixError, held_messages, postsuper
 from policyd.logs import printable, setup_logging
-from policyd.storage import Storage, StorageError, create_storage
+from policyd.storage import SchemaMissing, SenderStats, Storage, StorageError, create_storage
 
 T = TypeVar("T")
 
@@ -173,30 +174,83 @@ def _as_user(name: str, arguments: list[str]) -> int:
 
 @main.command()
 @config_option
+@click.argument("user", required=False)
 @click.option(
     "-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 100000), help="How many users."
 )
 @click.option("-w", "--window", default="24h", show_default=True, help="How far back (e.g. 1h, 24h, 7d).")
-def top(config_path: str, limit: int, window: str) -> None:
-    """Show the users who sent to the most recipients recently."""
-    from policyd.clock import utc_now
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def top(config_path: str, user: str | None, limit: int, window: str, as_json: bool) -> None:
+    """Show the users who sent to the most recipients recently (or only USER).
+
+    \b
+    counted     what the quota counts: sent and held mail (rejected too with
+                count_rejected), nothing before a reset; the users are in this order
+    recipients  every message's recipients, rejected ones included
+    ips         distinct client addresses
+    """
+    from policyd.clock import from_ms, to_ms, utc_now
+    from policyd.quota import counted_outcomes
 
     settings = load_or_exit(config_path)
     span = _duration_or_exit(window)
-    since = utc_now() - span
-    stats = with_storage(settings, lambda storage: storage.top_senders(since, limit))
+    now = utc_now()
+    since = now - span
+    name = None if user is None else user.strip().lower()
+    outcomes = counted_outcomes(settings.rules)
+
+    async def read(storage: Storage) -> list[SenderStats]:
+        stats = await storage.top_senders(since, limit, name, outcomes)
+        # A reset inside the window: only what came after it counts.
+        try:
+            resets = (await storage.load_rules(to_ms(since))).resets
+        except SchemaMissing:
+            resets = []  # no rules tables yet (policyd migrate makes them): no reset either
+        latest: dict[str, int] = {}
+        for item in resets:
+            latest[item.sasl_username] = max(latest.get(item.sasl_username, 0), item.before_ms)
+        adjusted = []
+        for found in stats:
+            before = latest.get(found.sasl_username)
+            if before is not None:
+                counted = await storage.recipients_since(found.sasl_username, from_ms(before), outcomes)
+                found = replace(found, counted=counted)  # noqa: PLW2901
+            adjusted.append(found)
+        adjusted.sort(key=lambda entry: (-entry.counted, -entry.recipients, entry.sasl_username))
+        return adjusted
+
+    stats = with_storage(settings, read)
+    if as_json:
+        _echo_json(
+            [
+                {
+                    "user": entry.sasl_username,
+                    "counted": entry.counted,
+                    "recipients": entry.recipients,
+                    "messages": entry.messages,
+                    "held": entry.held,
+                    "rejected": entry.rejected,
+                    "client_addresses": entry.client_addresses,
+                    "last_seen": entry.last_seen.isoformat(),
+                }
+                for entry in stats
+            ]
+        )
+        return
     if not stats:
         click.echo(f"no messages recorded in the last {window}")
         return
     names = [printable(entry.sasl_username) for entry in stats]  # a name may hold escapes
     width = max(8, *(len(name) for name in names))
     click.echo(
-        f"{'user':<{width}}  {'recipients':>10}  {'messages':>8}  {'held':>6}  {'rejected':>8}  last seen (UTC)"
+        f"{'user':<{width}}  {'counted':>8}  {'recipients':>10}  {'messages':>8}  {'held':>6}  "
+        f"{'rejected':>8}  {'ips':>4}  last seen (UTC)"
     )
     for name, entry in zip(names, stats, strict=True):
         click.echo(
-            f"{name:<{width}}  {entry.recipients:>10}  {entry.messages:>8}  "
-            f"{entry.held:>6}  {entry.rejected:>8}  {entry.last_seen:%Y-%m-%d %H:%M:%S}"
+            f"{name:<{width}}  {entry.counted:>8}  {entry.recipients:>10}  {entry.messages:>8}  "
+            f"{entry.held:>6}  {entry.rejected:>8}  {entry.client_addresses:>4}  "
+            f"{entry.last_seen:%Y-%m-%d %H:%M:%S}"
         )
 
 
@@ -360,6 +414,358 @@ def _act_on_held(
     click.echo(said or log_line)
 
 
+# ---------------------------------------------------------------------------
+# run-time rules: quota overrides, allow / block entries, resets, one user
+# (stored in the database: every daemon sharing it applies them within a second)
+# ---------------------------------------------------------------------------
+
+JSON_HELP = "Print JSON instead of a table."
+# `policyd user` reads at most this many of the user's events in the window.
+USER_VIEW_EVENTS = 100_000
+
+
+def _until_ms(text: str | None) -> int | None:
+    """--until: a duration from now (7d, 12h) or a date / time (2026-12-31, 2026-12-31T18:00,
+    UTC unless it names its zone)."""
+    from datetime import UTC, datetime
+
+    from policyd.clock import to_ms, utc_now
+
+    if text is None:
+        return None
+    try:
+        return to_ms(utc_now() + parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a duration (7d, 12h) nor a date (2026-12-31 or 2026-12-31T18:00)",
+            param_hint="--until",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    until = to_ms(moment)
+    if until <= to_ms(utc_now()):
+        raise click.BadParameter(f"{text!r} is in the past", param_hint="--until")
+    return until
+
+
+def _ms_text(milliseconds: int | None) -> str:
+    from policyd.clock import from_ms
+
+    return "never" if milliseconds is None else f"{from_ms(milliseconds):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _ms_iso(milliseconds: int | None) -> str | None:
+    from policyd.clock import from_ms
+
+    return None if milliseconds is None else from_ms(milliseconds).isoformat()
+
+
+def _user_name(text: str) -> str:
+    """SASL names are compared in lower case (quota.Message)."""
+    name = text.strip().lower()
+    if not name:
+        raise click.BadParameter("a user name is needed")
+    return name
+
+
+def _echo_json(value: object) -> None:
+    import json
+
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _limit_window(settings: Settings, window: str | None) -> timedelta:
+    """The window of a configured limit (--window), the primary one by default."""
+    from policyd.config import format_limit
+
+    windows = [limit.window for limit in settings.rules.limits]
+    if window is None:
+        return windows[0]
+    span = _duration_or_exit(window)
+    if span not in windows:
+        configured = ", ".join(format_limit(limit) for limit in settings.rules.limits)
+        raise click.BadParameter(
+            f"no configured limit has the window {window} (configured: {configured})", param_hint="--window"
+        )
+    return span
+
+
+@main.group()
+def quota() -> None:
+    """Per-user thresholds, in place of the configured ones (stored in the database)."""
+
+
+@quota.command("set")
+@config_option
+@click.argument("user")
+@click.argument("hold", type=click.IntRange(1, 2**31 - 1))
+@click.option("--reject", type=click.IntRange(1, 2**31 - 1), help="REJECT from this many (default 2 x HOLD).")
+@click.option("--window", help="Which limit, by its window (default: the primary limit, `window`).")
+@click.option("--until", help="Until when (7d, or 2026-12-31T18:00 UTC); default: no end.")
+@click.option("--reason", default="", help="Why (shown by policyd quota show and policyd user).")
+def quota_set(
+    *,
+    config_path: str,
+    user: str,
+    hold: int,
+    reject: int | None,
+    window: str | None,
+    until: str | None,
+    reason: str,
+) -> None:
+    """Give USER HOLD recipients per window (and REJECT from --reject)."""
+    from policyd.clock import MILLISECOND, to_ms, utc_now
+    from policyd.rules import Override
+
+    settings = load_or_exit(config_path)
+    name = _user_name(user)
+    span = _limit_window(settings, window)
+    reject_from = reject if reject is not None else min(2 * hold, 2**31 - 1)
+    if reject_from < hold:
+        raise click.BadParameter(f"--reject {reject_from} is below HOLD {hold}")
+    override = Override(
+        name, span // MILLISECOND, hold, reject_from, _until_ms(until), reason, to_ms(utc_now())
+    )
+    with_storage(settings, lambda storage: storage.set_override(override))
+    click.echo(
+        f"quota of {printable(name)}: HOLD from {hold}, REJECT from {reject_from} per "
+        f"{_duration_text(span)}, until {_ms_text(override.until_ms)}"
+    )
+
+
+@quota.command("unset")
+@config_option
+@click.argument("user")
+@click.option("--window", help="Only the override of this limit (default: all of the user's).")
+def quota_unset(config_path: str, user: str, window: str | None) -> None:
+    """Give USER the configured limits again."""
+    from policyd.clock import MILLISECOND
+
+    settings = load_or_exit(config_path)
+    name = _user_name(user)
+    window_ms = None if window is None else _limit_window(settings, window) // MILLISECOND
+    removed = with_storage(settings, lambda storage: storage.remove_overrides(name, window_ms))
+    click.echo(f"removed {removed} overrides of {printable(name)}")
+    if not removed:
+        sys.exit(1)
+
+
+@quota.command("show")
+@config_option
+@click.argument("user", required=False)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def quota_show(config_path: str, user: str | None, as_json: bool) -> None:
+    """The overrides (of USER, or everyone's) and the limits that apply."""
+    from policyd.clock import to_ms, utc_now
+    from policyd.config import format_limit
+    from policyd.rules import apply_overrides
+
+    settings = load_or_exit(config_path)
+    name = _user_name(user) if user is not None else None
+    stored = with_storage(settings, lambda storage: storage.load_rules(2**62))
+    now_ms = to_ms(utc_now())
+    overrides = [item for item in stored.overrides if name is None or item.sasl_username == name]
+    windows = {limit.window // timedelta(milliseconds=1) for limit in settings.rules.limits}
+    rows = [
+        {
+            "user": item.sasl_username,
+            "window": _duration_text(timedelta(milliseconds=item.window_ms)),
+            "hold": item.hold,
+            "reject": item.reject,
+            "until": _ms_iso(item.until_ms),
+            "reason": item.reason,
+            "active": item.active(now_ms),
+            "applies": item.window_ms in windows,
+        }
+        for item in overrides
+    ]
+    if name is not None:
+        effective = apply_overrides(settings.rules, overrides, now_ms)
+        limits = [format_limit(limit) for limit in effective.limits]
+    if as_json:
+        payload: dict[str, Any] = {"overrides": rows}
+        if name is not None:
+            payload["limits"] = limits
+        _echo_json(payload)
+        return
+    if not rows:
+        click.echo("no overrides" + (f" for {printable(name)}" if name else ""))
+    for row, item in zip(rows, overrides, strict=True):
+        notes = [] if row["active"] else ["expired"]
+        if not row["applies"]:
+            notes.append("no configured limit has this window: not applied")
+        click.echo(
+            f"{printable(item.sasl_username)}  {item.hold}/{row['window']} reject {item.reject}  "
+            f"until {_ms_text(item.until_ms)}  {printable(item.reason)}"
+            + (f"  ({'; '.join(notes)})" if notes else "")
+        )
+    if name is not None:
+        click.echo(f"limits of {printable(name)}: {'; '.join(limits)}")
+
+
+def _duration_text(span: timedelta) -> str:
+    from policyd.config import _format_duration
+
+    return _format_duration(span)
+
+
+def _add_entry(
+    *, config_path: str, kind: str, target: str, user: str | None, action: str, until: str | None, reason: str
+) -> None:
+    from policyd.clock import to_ms, utc_now
+    from policyd.rules import EntryError, make_entry
+
+    settings = load_or_exit(config_path)
+    try:
+        entry = make_entry(
+            kind,
+            target,
+            user=user or "",
+            action=action,
+            until_ms=_until_ms(until),
+            reason=reason,
+            created_ms=to_ms(utc_now()),
+        )
+    except EntryError as error:
+        raise click.BadParameter(str(error)) from None
+    with_storage(settings, lambda storage: storage.add_list_entry(entry))
+    click.echo(f"{printable(entry.describe())}, until {_ms_text(entry.until_ms)}")
+
+
+_TARGET_HELP = "USER, SENDER, client IP, CIDR (192.0.2.0/24, 2001:db8::/32) or @DOMAIN."
+
+
+@main.command()
+@config_option
+@click.argument("target")
+@click.option("--user", help="Only for this SASL user (needed for a sender or @domain).")
+@click.option("--until", help="Until when (7d, or 2026-12-31T18:00 UTC); default: no end.")
+@click.option("--reason", default="", help="Why (shown by policyd lists).")
+def allow(config_path: str, target: str, user: str | None, until: str | None, reason: str) -> None:
+    """Let TARGET's mail through uncounted (a block wins over an allow).
+
+    TARGET is a USER, SENDER, client IP, CIDR (192.0.2.0/24, 2001:db8::/32) or @DOMAIN.
+    A SENDER or @DOMAIN is matched only together with --user: any user may pick any
+    envelope sender, so it alone would let a phished account dodge its quota.
+    """
+    _add_entry(
+        config_path=config_path,
+        kind="allow",
+        target=target,
+        user=user,
+        action="HOLD",
+        until=until,
+        reason=reason,
+    )
+
+
+@main.command()
+@config_option
+@click.argument("target")
+@click.option("--user", help="Only for this SASL user.")
+@click.option(
+    "--action",
+    type=click.Choice(["HOLD", "REJECT"], case_sensitive=False),
+    default="HOLD",
+    show_default=True,
+    help="What a blocked message gets (HOLD: the hold queue, as go-policyd's blacklist).",
+)
+@click.option("--until", help="Until when (7d, or 2026-12-31T18:00 UTC); default: no end.")
+@click.option("--reason", default="", help="Why (shown by policyd lists).")
+def block(
+    *, config_path: str, target: str, user: str | None, action: str, until: str | None, reason: str
+) -> None:
+    """HOLD (or REJECT) every message of TARGET.
+
+    TARGET is a USER, SENDER, client IP, CIDR (192.0.2.0/24, 2001:db8::/32) or @DOMAIN.
+    """
+    _add_entry(
+        config_path=config_path,
+        kind="block",
+        target=target,
+        user=user,
+        action=action,
+        until=until,
+        reason=reason,
+    )
+
+
+@main.command()
+@config_option
+@click.argument("target")
+@click.option("--user", help="Only the entry for this SASL user (default: every entry for TARGET).")
+def unlist(config_path: str, target: str, user: str | None) -> None:
+    """Remove the allow or block entries of TARGET (entries in the config file stay)."""
+    from policyd.rules import EntryError, parse_target
+
+    settings = load_or_exit(config_path)
+    try:
+        normal = parse_target(target).text
+    except EntryError as error:
+        raise click.BadParameter(str(error)) from None
+    name = None if user is None else _user_name(user)
+    removed = with_storage(settings, lambda storage: storage.remove_list_entries(normal, name))
+    click.echo(f"removed {removed} entries for {printable(normal)}")
+    config_has = normal in settings.rules.whitelist or normal in settings.rules.blacklist
+    if config_has:
+        click.echo(f"policyd: {printable(normal)} is also in {settings.path}: remove it there", err=True)
+    if not removed:
+        sys.exit(1)
+
+
+def _entry_row(entry: Any, now_ms: int) -> dict[str, Any]:
+    return {
+        "kind": entry.kind,
+        "target": entry.target,
+        "user": entry.user or None,
+        "action": entry.action if entry.kind == "block" else "DUNNO",
+        "until": _ms_iso(entry.until_ms),
+        "reason": entry.reason,
+        "source": entry.source,
+        "active": entry.active(now_ms),
+    }
+
+
+@main.command("lists")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def lists_command(config_path: str, as_json: bool) -> None:
+    """Every allow and block entry: the database's and the config file's."""
+    from policyd.clock import to_ms, utc_now
+    from policyd.rules import config_entries
+
+    settings = load_or_exit(config_path)
+    stored = with_storage(settings, lambda storage: storage.load_rules(2**62))
+    now_ms = to_ms(utc_now())
+    entries = config_entries(settings.rules.whitelist, settings.rules.blacklist) + stored.entries
+    rows = [_entry_row(entry, now_ms) for entry in entries]
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no allow or block entries")
+        return
+    for entry, row in zip(entries, rows, strict=True):
+        if row["source"] != "config":
+            source = "database"
+        elif row["kind"] == "allow":
+            source = f"config file (whitelist, in whitelist_hours {settings.rules.whitelist_hours.spec})"
+        else:
+            source = "config file (blacklist)"
+        click.echo(
+            f"{row['kind']:<5}  {printable(row['target'])}"
+            + (f"  user {printable(row['user'])}" if row["user"] else "")
+            + f"  {row['action']}  until {_ms_text(entry.until_ms)}"
+            + f"  {source}"
+            + (f"  {printable(row['reason'])}" if row["reason"] else "")
+            + ("" if row["active"] else "  (expired)")
+        )
+
+
 @main.command()
 @config_option
 @_postfix_config_option
@@ -416,3 +822,151 @@ def delete(
         option="-d",
         verb="delete",
     )
+
+
+@main.command()
+@config_option
+@click.argument("user")
+@click.option("--reason", required=True, help="Why (logged by every daemon, kept in the database).")
+def reset(config_path: str, user: str, reason: str) -> None:
+    """Forget USER's counted recipients, on every daemon sharing the database.
+
+    The events stay in the table: the reset is recorded beside them, and everything
+    before it is no longer counted (policyd user shows them as reset).
+    """
+    from policyd.clock import to_ms, utc_now
+    from policyd.rules import Reset
+
+    settings = load_or_exit(config_path)
+    name = _user_name(user)
+    now_ms = to_ms(utc_now())
+    with_storage(settings, lambda storage: storage.add_reset(Reset(0, name, now_ms, reason, now_ms)))
+    click.echo(f"reset {printable(name)}: recipients before {_ms_text(now_ms)} are no longer counted")
+
+
+@main.command("user")
+@config_option
+@click.argument("user")
+@click.option("-n", "--events", "recent", default=20, show_default=True, type=click.IntRange(0, 100000))
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def user_command(config_path: str, user: str, recent: int, as_json: bool) -> None:
+    """One user: totals per limit, state, the rules that apply, senders, client IPs, events."""
+    from policyd.clock import to_ms, utc_now
+    from policyd.config import format_limit
+    from policyd.rules import Matcher, RuntimeRules, config_entries
+    from policyd.storage.base import StoredRules
+    from policyd.userview import user_view, window_of
+
+    settings = load_or_exit(config_path)
+    name = _user_name(user)
+    now = utc_now()
+    now_ms = to_ms(now)
+    longest = window_of(settings.rules)
+
+    async def read(storage: Storage) -> tuple[StoredRules, list[Any]]:
+        stored = await storage.load_rules(now_ms - longest // timedelta(milliseconds=1))
+        newest_first = await storage.user_events(name, now - longest, USER_VIEW_EVENTS)
+        return stored, newest_first[::-1]
+
+    stored, events = with_storage(settings, read)
+    runtime = RuntimeRules.build(stored.overrides, stored.entries, stored.resets)
+    rules = runtime.rules_for(name, settings.rules, now_ms)
+    seen = {(event.sender, event.client_address) for event in events} or {("", "")}
+    candidates = config_entries(settings.rules.whitelist, settings.rules.blacklist) + stored.entries
+    applying = [
+        entry
+        for entry in candidates
+        if entry.active(now_ms) and any(Matcher([entry]).match(name, s, a) for s, a in seen)
+    ]
+    view = user_view(
+        name,
+        events,
+        rules=rules,
+        overrides=stored.overrides,
+        entries=applying,
+        resets=stored.resets,
+        now=now,
+        recent=recent,
+    )
+    if as_json:
+        _echo_json(
+            {
+                "user": name,
+                "state": view.state,
+                "limits": [
+                    {
+                        "limit": format_limit(item.limit),
+                        "window_seconds": item.limit.window.total_seconds(),
+                        "hold": item.limit.hold,
+                        "reject": item.limit.reject,
+                        "total": item.total,
+                        "state": item.state,
+                        "back_under": None if item.back_under is None else item.back_under.isoformat(),
+                    }
+                    for item in view.limits
+                ],
+                "overrides": [
+                    {
+                        "window_seconds": item.window_ms / 1000,
+                        "hold": item.hold,
+                        "reject": item.reject,
+                        "until": _ms_iso(item.until_ms),
+                        "reason": item.reason,
+                    }
+                    for item in view.overrides
+                ],
+                "entries": [_entry_row(entry, now_ms) for entry in view.entries],
+                "reset": None
+                if view.reset is None
+                else {"before": _ms_iso(view.reset.before_ms), "reason": view.reset.reason},
+                "senders": [{"sender": sender, "recipients": count} for sender, count in view.senders],
+                "client_addresses": [
+                    {"client_address": address, "recipients": count}
+                    for address, count in view.client_addresses
+                ],
+                "events": [
+                    {
+                        "ts": event.ts.isoformat(),
+                        "sender": event.sender,
+                        "client_address": event.client_address,
+                        "recipients": event.recipient_count,
+                        "action": str(event.outcome),
+                        "counted": counted,
+                        "queue_id": event.queue_id or None,
+                    }
+                    for event, counted in view.events
+                ],
+            }
+        )
+        return
+    click.echo(f"user {printable(name)}: {view.state}")
+    for item in view.limits:
+        back = (
+            "" if item.back_under is None else f", back under it at {item.back_under:%Y-%m-%d %H:%M:%S} UTC"
+        )
+        click.echo(f"  limit {format_limit(item.limit)}: {item.total} counted, {item.state}{back}")
+    for override in view.overrides:
+        click.echo(
+            f"  override: {override.hold}/{_duration_text(timedelta(milliseconds=override.window_ms))} "
+            f"reject {override.reject} until {_ms_text(override.until_ms)} {printable(override.reason)}"
+        )
+    for entry in view.entries:
+        click.echo(
+            f"  list: {printable(entry.describe())} until {_ms_text(entry.until_ms)} {printable(entry.reason)}"
+        )
+    if view.reset is not None:
+        click.echo(f"  reset at {_ms_text(view.reset.before_ms)}: {printable(view.reset.reason)}")
+    click.echo(f"  senders in the last {_duration_text(longest)}:")
+    for sender, count in view.senders:
+        click.echo(f"    {printable(sender) or '<>'}  {count}")
+    click.echo("  client addresses:")
+    for address, count in view.client_addresses:
+        click.echo(f"    {printable(address)}  {count}")
+    if view.events:
+        click.echo("  recent events (UTC):")
+    for event, counted in view.events:
+        click.echo(
+            f"    {event.ts:%Y-%m-%d %H:%M:%S}  {event.recipient_count:>6}  {event.outcome!s:<6}  "
+            f"{printable(event.sender) or '<>'}  {printable(event.client_address)}"
+            + ("" if counted else "  (not counted)")
+        )

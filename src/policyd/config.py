@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from policyd.quota import DEFAULT_OFFICE_HOURS, OfficeHours, QuotaRules
+from policyd.quota import DEFAULT_OFFICE_HOURS, Limit, OfficeHours, QuotaRules
+from policyd.rules import parse_target
 from policyd.storage import mask_url
 from policyd.storage.base import check_table_name
 from policyd.web.auth import parse_password_hash
@@ -99,6 +100,7 @@ class Settings:
             ("defaultquota", str(rules.quota)),
             ("rejectquota", str(rules.reject_quota)),
             ("window", _format_duration(rules.window)),
+            ("limit", "; ".join(format_limit(limit) for limit in rules.extra_limits) or "(none)"),
             ("count_rejected", "yes" if rules.count_rejected else "no"),
             ("unauthenticated_action", rules.unauthenticated_action),
             ("whitelist", ", ".join(sorted(rules.whitelist)) or "(empty)"),
@@ -254,6 +256,35 @@ def parse_hours(text: str) -> OfficeHours:
     return OfficeHours.parse(text)
 
 
+def parse_list_entry(text: str) -> str:
+    """A whitelist or blacklist entry in its normal form (rules.py): refused if it could
+    never match (a wildcard, a bad network)."""
+    return parse_target(text).text
+
+
+_LIMIT_RE = re.compile(r"^(\d+)\s*/\s*(\S+)(?:\s+reject\s+(\d+))?$", re.IGNORECASE)
+
+
+def parse_limit(text: str) -> Limit:
+    """``300/1h`` (HOLD from 300 recipients per hour, REJECT from twice that) or
+    ``300/1h reject 450``."""
+    match = _LIMIT_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not like 300/1h or 300/1h reject 600")
+    hold = parse_int(match.group(1), 1)
+    window = parse_duration(match.group(2))
+    if window < timedelta(seconds=1) or window % timedelta(milliseconds=1):
+        raise ValueError(f"the window of {text!r} must be at least 1s, in whole milliseconds")
+    reject = parse_int(match.group(3), 1) if match.group(3) else min(2 * hold, 2**31 - 1)
+    if reject < hold:
+        raise ValueError(f"in {text!r} the reject threshold ({reject}) is below the hold one ({hold})")
+    return Limit(hold, reject, window)
+
+
+def format_limit(limit: Limit) -> str:
+    return f"{limit.hold}/{_format_duration(limit.window)} reject {limit.reject}"
+
+
 # key -> (parser, what it is).  The order is the order of `policyd check-config --keys`.
 KEYS: dict[str, tuple[Any, str]] = {
     # go-policyd's keys
@@ -269,8 +300,11 @@ KEYS: dict[str, tuple[Any, str]] = {
     "dbport": (parse_port, "MariaDB port (default 3306)"),
     "dbname": (parse_text, "MariaDB database name"),
     "policy_table": (parse_table, "table of events (default events)"),
-    "whitelist": (parse_text, "user, sender or client IP not counted in whitelist_hours (repeatable)"),
-    "blacklist": (parse_text, "user, sender or client IP always held (repeatable)"),
+    "whitelist": (
+        parse_list_entry,
+        "user, sender, @domain, client IP or network not counted in whitelist_hours (repeatable)",
+    ),
+    "blacklist": (parse_list_entry, "user, sender, @domain, client IP or network always held (repeatable)"),
     # policyd's own keys
     "database": (parse_database, f"database URL (default {DEFAULT_DATABASE})"),
     "socket": (parse_text, "also listen on this unix socket path"),
@@ -280,6 +314,10 @@ KEYS: dict[str, tuple[Any, str]] = {
         "recipients per window from which mail is rejected (default 2 x defaultquota)",
     ),
     "window": (parse_duration, "sliding window the quota applies to (default 24h)"),
+    "limit": (
+        parse_limit,
+        "another limit, like 300/1h (HOLD from 300 per hour, REJECT from 600) or 300/1h reject 450 (repeatable)",
+    ),
     "retention": (parse_duration, "how long events are kept (default 7d)"),
     "db_timeout": (parse_duration, "longest a request waits for its event to be recorded (default 0.5s)"),
     "db_retry": (
@@ -319,17 +357,17 @@ KEYS: dict[str, tuple[Any, str]] = {
         "hash of that user's password, from `policyd hash-password` (never the password itself)",
     ),
 }
-REPEATABLE = frozenset({"whitelist", "blacklist"})
+REPEATABLE = frozenset({"whitelist", "blacklist", "limit"})
 # In go-policyd's sample file (commented out there); accepted so an old file keeps working.
 IGNORED_LEGACY_KEYS = frozenset({"usesyslog", "pidfile"})
 
 
 def parse_lines(
     text: str, path: str
-) -> tuple[dict[str, tuple[int, Any]], dict[str, list[str]], list[str], list[str]]:
+) -> tuple[dict[str, tuple[int, Any]], dict[str, list[Any]], list[str], list[str]]:
     """Parse the file's text: (single values with line numbers, lists, problems, warnings)."""
     values: dict[str, tuple[int, Any]] = {}
-    lists: dict[str, list[str]] = {name: [] for name in REPEATABLE}
+    lists: dict[str, list[Any]] = {name: [] for name in REPEATABLE}
     problems: list[str] = []
     warnings: list[str] = []
     # Lines end at \n only (an optional \r before it is stripped), as in go-policyd and
@@ -411,6 +449,21 @@ def settings_from_text(text: str, path: str) -> Settings:
     if ("http_user" in values) != ("http_password_hash" in values):
         given, missing = ("http_user", "http_password_hash")[:: 1 if "http_user" in values else -1]
         problems.append(f"{path}:{line_values[given][0]}: {given} needs {missing} too")
+    window = values.get("window", Settings().rules.window)
+    windows = {window: "window"}
+    for limit in lists["limit"]:
+        if limit.window in windows:
+            problems.append(
+                f"{path}: limit {format_limit(limit)}: another limit has the window "
+                f"{_format_duration(limit.window)} already ({windows[limit.window]})"
+            )
+        windows[limit.window] = f"limit {format_limit(limit)}"
+    for name in sorted(lists["whitelist"]):
+        if "@" in name:
+            warnings.append(
+                f"{path}: whitelist = {name} exempts any authenticated user who uses it as envelope "
+                "sender (a phished account too); prefer `policyd allow SENDER --user USER`"
+            )
     if problems:
         raise ConfigError(problems)
     if "http_listen" in values and "http_user" not in values and not _loopback(values["http_listen"][0]):
@@ -428,6 +481,7 @@ def settings_from_text(text: str, path: str) -> Settings:
         whitelist=frozenset(name.lower() for name in lists["whitelist"]),
         blacklist=frozenset(name.lower() for name in lists["blacklist"]),
         whitelist_hours=values.get("whitelist_hours", defaults.rules.whitelist_hours),
+        extra_limits=tuple(lists["limit"]),
     )
     return replace(
         defaults,

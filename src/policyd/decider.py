@@ -16,6 +16,7 @@ a previous run left; a user it knows nothing about then gets `db_error_action`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -27,6 +28,7 @@ from policyd.logs import log
 from policyd.outage import Outage
 from policyd.protocol import PolicyRequest
 from policyd.quota import Message, Outcome, QuotaRules, Verdict, decide, outcome_of_action, precheck
+from policyd.rules import RuntimeRules
 from policyd.stats import Stats
 from policyd.storage import Event
 from policyd.window import Window
@@ -75,6 +77,9 @@ class Decider:
         self.catch_up: Callable[[float], Awaitable[bool]] | None = None
         self.others_active: Callable[[], int] = lambda: 0
         self._strict_tasks: set[asyncio.Future[None]] = set()
+        # The database's allow / block entries and per-user overrides (sync.py keeps them).
+        self.runtime = RuntimeRules()
+        self._override_settings: dict[str, tuple[Settings, QuotaRules, Settings]] = {}
         # Positions of the limits in window.spans (QuotaRules.limits order).
         self._span_index: tuple[int, ...] = ()
         self._index_spans(settings.rules)
@@ -120,10 +125,23 @@ class Decider:
         # The local time only where office hours need it: the conversion costs more than
         # the rest of the precheck.
         listed = bool(rules.whitelist) and rules.listed(rules.whitelist, message)
-        verdict = precheck(rules, message, now.astimezone() if listed else now)
+        runtime = self.runtime
+        now_ms = to_ms(now)
+        verdict = precheck(rules, message, now.astimezone() if listed else now, runtime, now_ms)
         if verdict is not None:
             self.stats.decisions[verdict.outcome.value, ""] += 1
-            if verdict.reason in {"blacklisted", "whitelisted"}:
+            if verdict.entry:
+                log.info(
+                    "%s %s by list entry %s: %s/%s/%s/%d",
+                    verdict.outcome.value,
+                    verdict.reason,
+                    verdict.entry,
+                    message.sasl_username,
+                    message.sender,
+                    message.client_address,
+                    message.recipient_count,
+                )
+            elif verdict.reason in {"blacklisted", "whitelisted"}:
                 log.info(
                     "%s %s user : %s/%s/%s/%d",
                     verdict.outcome.value,
@@ -135,11 +153,14 @@ class Decider:
                 )
             answer(verdict)
             return
+        if runtime.overrides:
+            settings = self._with_overrides(settings, message.sasl_username, now_ms)
+            rules = settings.rules
         if (
             self.catch_up is not None
             and self.others_active()
             and (self.complete or message.sasl_username in self.window)
-            and self._near_a_threshold(rules, message, to_ms(now))
+            and self._near_a_threshold(rules, message, now_ms)
         ):
             # Strict path: read what the other daemons decided lately first.  The task
             # is kept until it ends (the loop holds tasks only weakly).
@@ -148,6 +169,23 @@ class Decider:
             task.add_done_callback(self._strict_tasks.discard)
             return
         self._count(message, settings, now, answer)
+
+    def _with_overrides(self, settings: Settings, user: str, now_ms: int) -> Settings:
+        """The settings with the user's overrides of the limits (same windows) in place."""
+        rules = self.runtime.rules_for(user, settings.rules, now_ms)
+        if rules is settings.rules:
+            return settings
+        cached = self._override_settings.get(user)
+        if cached is not None and cached[0] is settings and cached[1] is rules:
+            return cached[2]
+        effective = dataclasses.replace(settings, rules=rules)
+        self._override_settings[user] = (settings, rules, effective)
+        return effective
+
+    def set_runtime(self, runtime: RuntimeRules) -> None:
+        """New rules from the database (sync.py): used from the next decision on."""
+        self.runtime = runtime
+        self._override_settings = {}
 
     async def decide(self, request: PolicyRequest) -> Verdict:
         """submit(), awaited: the verdict once it may go out."""
@@ -246,21 +284,25 @@ class Decider:
             f"{message.recipient_count}/{verdict.total}"
         )
         limit = verdict.limit
+        # The primary limit's lines stay go-policyd's; another limit's name follows.
+        named = f" (limit {limit.label})" if limit is not None and limit is not rules.limits[0] else ""
         if verdict.outcome is Outcome.HOLD and limit is not None:
             log.info(
-                "DEFERRING overquota (%d>%d) for user %s using %s from ip [%s]",
+                "DEFERRING overquota (%d>%d) for user %s using %s from ip [%s]%s",
                 verdict.total,
                 limit.hold,
                 message.sasl_username,
                 message.sender,
                 message.client_address,
+                named,
             )
         elif verdict.outcome is Outcome.REJECT and limit is not None:
             log.info(
-                "REJECTING overquota (%d>%d) for user %s using %s from ip [%s]",
+                "REJECTING overquota (%d>%d) for user %s using %s from ip [%s]%s",
                 verdict.total,
                 limit.reject,
                 message.sasl_username,
                 message.sender,
                 message.client_address,
+                named,
             )

@@ -7,12 +7,14 @@ No I/O here.  The caller (decider.py) reads the user's totals from the in-memory
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
 
 from policyd.protocol import PolicyRequest
+from policyd.rules import ALLOW, EntryError, Matcher, RuntimeRules, make_entry
 
 # A Postfix queue id is hexadecimal (short ids) or letters and digits (long ids,
 # enable_long_queue_ids), at most 64 characters here; anything else is not recorded (the
@@ -107,6 +109,8 @@ class Verdict:
     limit: Limit | None = None
     # The total in the deciding limit's window (the first limit's when within all).
     total: int = 0
+    # The list entry of the database that decided (policyd allow / block), if one did.
+    entry: str = ""
 
 
 _DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -194,18 +198,39 @@ class QuotaRules:
         object.__setattr__(self, "limits", (primary, *self.extra_limits))
 
     def listed(self, names: frozenset[str], message: Message) -> bool:
-        return bool(names) and any(
-            candidate.lower() in names
-            for candidate in (message.sasl_username, message.sender, message.client_address)
-            if candidate
+        """Whether a configuration file entry (whitelist or blacklist) matches: users,
+        senders, @domains, client addresses and networks, compared as such (rules.py)."""
+        return bool(names) and (
+            _config_matcher(names).match(message.sasl_username, message.sender, message.client_address)
+            is not None
         )
 
 
-def precheck(rules: QuotaRules, message: Message, local_now: datetime) -> Verdict | None:
+@functools.lru_cache(maxsize=8)
+def _config_matcher(names: frozenset[str]) -> Matcher:
+    # The kind (allow) only decides how senders are matched: as go-policyd did, for both
+    # lists.  An entry that can never match (config.py refuses it in a file) is left out.
+    entries = []
+    for name in sorted(names):
+        try:
+            entries.append(make_entry(ALLOW, name, source="config"))
+        except EntryError:
+            continue
+    return Matcher(entries)
+
+
+def precheck(
+    rules: QuotaRules,
+    message: Message,
+    local_now: datetime,
+    runtime: RuntimeRules | None = None,
+    now_ms: int = 0,
+) -> Verdict | None:
     """The verdict for a message that needs no total, or None if it must be counted.
 
     ``local_now`` is the relay's local time (office hours are local); it is read only
-    when a whitelist entry matches.
+    when a whitelist entry matches.  ``runtime``: the database's allow and block entries
+    (at ``now_ms``): a block wins over any allow, the file's blacklist over everything.
     """
     if message.protocol_state not in COUNTING_STAGES:
         return Verdict("DUNNO", Outcome.DUNNO, record=False, reason="not a counting stage")
@@ -214,8 +239,21 @@ def precheck(rules: QuotaRules, message: Message, local_now: datetime) -> Verdic
         return Verdict(rules.unauthenticated_action, outcome, record=False, reason="unauthenticated")
     if rules.listed(rules.blacklist, message):
         return Verdict("HOLD blacklisted", Outcome.HOLD, record=False, reason="blacklisted")
+    lists = runtime is not None and runtime.has_lists
+    if lists:
+        assert runtime is not None
+        block = runtime.blocked(message.sasl_username, message.sender, message.client_address, now_ms)
+        if block is not None:
+            outcome = Outcome.REJECT if block.action == "REJECT" else Outcome.HOLD
+            action = "REJECT blocked" if outcome is Outcome.REJECT else "HOLD blocked"
+            return Verdict(action, outcome, record=False, reason="blocked", entry=block.describe())
     if rules.listed(rules.whitelist, message) and rules.whitelist_hours.contains(local_now):
         return Verdict("DUNNO", Outcome.DUNNO, record=False, reason="whitelisted")
+    if lists:
+        assert runtime is not None
+        allow = runtime.allowed(message.sasl_username, message.sender, message.client_address, now_ms)
+        if allow is not None:
+            return Verdict("DUNNO", Outcome.DUNNO, record=False, reason="allowed", entry=allow.describe())
     return None
 
 

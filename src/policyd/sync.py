@@ -31,9 +31,11 @@ from datetime import datetime, timedelta
 from policyd.clock import from_ms, to_ms, utc_now
 from policyd.decider import Decider
 from policyd.logs import log
-from policyd.outage import Outage
+from policyd.outage import Outage, describe_error
+from policyd.rules import RuntimeRules
 from policyd.stats import Stats
-from policyd.storage import Storage, StorageError
+from policyd.storage import SchemaMissing, Storage, StorageError
+from policyd.storage.base import StoredRules
 from policyd.window import OUTCOMES, Window
 
 # How often the tail asks for new rows.  With writes taking a few ms, a message another
@@ -62,6 +64,12 @@ OTHERS_UNKNOWN_SECONDS = 2.0
 # How often users with nothing left in any window are dropped (and how many per pass).
 EXPIRE_INTERVAL_SECONDS = 10.0
 EXPIRE_BATCH_USERS = 50_000
+# The rules tables (overrides, allow / block entries, resets) are checked with the tail,
+# by one query of their largest ids and row counts, and read whole only when it changed:
+# a change made by `policyd quota|allow|block|reset` applies within about this interval.
+RULES_QUERY_TIMEOUT_SECONDS = 2.0
+# Missing rules tables are said at most this often (the previous rules stay in use).
+RULES_ERROR_LOG_SECONDS = 600.0
 
 
 class WindowSync:
@@ -96,6 +104,10 @@ class WindowSync:
         self._assume_others_until = 0.0  # monotonic; see OTHERS_UNKNOWN_SECONDS
         self._ids_back_since: float | None = None  # monotonic; see IDS_BACK_SECONDS
         self.last_poll = 0.0  # monotonic time of the last successful poll
+        # The rules tables as last read (their signature), the resets applied to the window.
+        self.rules_signature: tuple[int, ...] | None = None
+        self._resets_applied: set[int] = set()
+        self._rules_error_logged = float("-inf")
 
     # -- the load ------------------------------------------------------------------
 
@@ -141,6 +153,7 @@ class WindowSync:
         # The rows after the fence, one by one, before the window is declared complete.
         async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
             await self._read_new(bounded=False)
+        await self.refresh_rules()
         self.decider.complete = True
         self._assume_others_until = time.monotonic() + OTHERS_UNKNOWN_SECONDS
         self.loaded.set()
@@ -164,6 +177,67 @@ class WindowSync:
         now_ms = to_ms(now)
         for history in histories:
             self.window.load(history.sasl_username, history.times, history.counts, history.codes, now_ms)
+
+    # -- the rules -----------------------------------------------------------------
+
+    async def refresh_rules(self) -> bool:
+        """Read the rules tables if they changed, and apply them (new resets to the
+        window); True if anything changed.  Either way the rules in use are kept.
+
+        A database failure is left to the tail and the writer, which report the
+        database's incidents (one line each, and its end): said here only at debug level,
+        and tried again at the next tail.  Rules tables missing (not migrated) are said
+        at most every RULES_ERROR_LOG_SECONDS."""
+        try:
+            async with asyncio.timeout(RULES_QUERY_TIMEOUT_SECONDS):
+                read = await self._read_rules()
+        except (StorageError, TimeoutError) as error:
+            log.debug(
+                "reading the rules tables failed (tried again with the tail): %s", describe_error(error)
+            )
+            return False
+        if read is None:
+            return False
+        signature, stored = read
+        if stored is None:
+            return False
+        runtime = RuntimeRules.build(stored.overrides, stored.entries, stored.resets)
+        first = self.rules_signature is None
+        self.rules_signature = signature
+        self.decider.set_runtime(runtime)
+        for reset in stored.resets:
+            if reset.reset_id in self._resets_applied:
+                continue
+            self._resets_applied.add(reset.reset_id)
+            forgotten = self.window.reset(reset.sasl_username, reset.before_ms)
+            if not first:
+                log.info(
+                    "reset of user %s applied: %d recipients forgotten (%s)",
+                    reset.sasl_username,
+                    forgotten,
+                    reset.reason or "no reason given",
+                )
+        if runtime.overrides or runtime.entries or not first:
+            log.info("rules %s: %s", "loaded" if first else "changed, applied", runtime.summary())
+        return True
+
+    async def _read_rules(self) -> tuple[tuple[int, ...], StoredRules | None] | None:
+        """(signature, the tables' rows, or None if the signature is unchanged); None
+        when the tables are missing."""
+        try:
+            signature = await self.storage.rules_signature()
+            if signature == self.rules_signature:
+                return signature, None
+            return signature, await self.storage.load_rules(to_ms(self.clock()) - self.window.longest)
+        except SchemaMissing as error:
+            now = time.monotonic()
+            if now - self._rules_error_logged >= RULES_ERROR_LOG_SECONDS:
+                self._rules_error_logged = now
+                log.warning(
+                    "the rules tables cannot be read (%s); run `policyd migrate`. Keeping the rules in use",
+                    describe_error(error),
+                )
+            return None
 
     # -- the tail ------------------------------------------------------------------
 
@@ -322,6 +396,12 @@ class WindowSync:
             except Exception:
                 # A bug: say so, keep tailing (the window may lag; mail flows).
                 log.exception("reading other daemons' events failed unexpectedly")
+            if not self.outage.should_try():
+                continue
+            try:
+                await self.refresh_rules()
+            except Exception:
+                log.exception("applying the rules tables failed unexpectedly")
 
 
 def give_back_freed_memory() -> None:

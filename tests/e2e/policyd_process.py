@@ -280,9 +280,9 @@ class PolicydProcess:
         rows: dict[str, dict[str, int]] = {}
         for line in self.top().splitlines()[1:]:
             fields = line.split()
-            if len(fields) >= 5 and fields[1].isdigit():
+            if len(fields) >= 6 and fields[1].isdigit():  # user, counted, recipients ...
                 rows[fields[0]] = dict(
-                    zip(("recipients", "messages", "held", "rejected"), map(int, fields[1:5]), strict=True)
+                    zip(("recipients", "messages", "held", "rejected"), map(int, fields[2:6]), strict=True)
                 )
         return rows
 

@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from policyd.quota import Outcome
+from policyd.rules import ListEntry, Override, Reset
+from policyd.storage import schema
 
 _TABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
@@ -165,6 +167,10 @@ class SenderStats:
     held: int
     rejected: int
     last_seen: datetime
+    # What the quota counts (the outcomes asked for; resets are the caller's), and how
+    # many distinct client addresses.
+    counted: int = 0
+    client_addresses: int = 0
 
 
 def check_table_name(name: str) -> str:
@@ -180,8 +186,20 @@ def utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class StoredRules:
+    """What the rules tables hold (resets: those asked for)."""
+
+    overrides: list[Override]
+    entries: list[ListEntry]
+    resets: list[Reset]
+
+
 class Storage(abc.ABC):
     """A place to keep events.  All methods may raise StorageError."""
+
+    # How the rules tables are rendered (storage/schema.py).
+    dialect: str = schema.SQLITE
 
     def __init__(self, table: str) -> None:
         self.table = check_table_name(table)
@@ -270,8 +288,15 @@ class Storage(abc.ABC):
         """Which of these event ids are stored, in rows not written by `exclude_origin`."""
 
     @abc.abstractmethod
-    async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
-        """Users by recipients since `since`, largest first (all outcomes)."""
+    async def top_senders(
+        self,
+        since: datetime,
+        limit: int,
+        user: str | None = None,
+        counted: Sequence[Outcome] = (Outcome.DUNNO, Outcome.HOLD),
+    ) -> list[SenderStats]:
+        """Users (or only `user`) since `since`, by the recipients of the `counted`
+        outcomes, then by recipients of all outcomes, largest first."""
 
     @abc.abstractmethod
     async def user_events(self, sasl_username: str, since: datetime, limit: int) -> list[Event]:
@@ -285,3 +310,145 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def count_events(self) -> int:
         """Number of rows in the table (for tests, status and the CLI)."""
+
+    # -- the rules tables (described once in schema.py) ------------------------------
+
+    @abc.abstractmethod
+    async def _rules_fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Rows of one query on the rules tables (`sql` with ? placeholders)."""
+
+    @abc.abstractmethod
+    async def _rules_execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Statements on the rules tables in one transaction; the rows each changed."""
+
+    async def rules_signature(self) -> tuple[int, ...]:
+        """The largest id and row count of each rules table: changes when anything does."""
+        rows = await self._rules_fetch(schema.signature_sql(self.table, self.dialect), ())
+        return tuple(int(value) for value in rows[0]) if rows else ()
+
+    async def load_rules(self, resets_since_ms: int) -> StoredRules:
+        """Every override and list entry, and the resets forgetting events at or after
+        `resets_since_ms` (older ones change nothing the window holds)."""
+        t, d = self.table, self.dialect
+        overrides = [
+            Override(
+                str(user), int(window), int(hold), int(reject), _opt_int(until), str(reason), int(created)
+            )
+            for _, user, window, hold, reject, until, reason, created in await self._rules_fetch(
+                schema.select_sql(schema.OVERRIDES, t, d), ()
+            )
+        ]
+        entries = [
+            ListEntry(
+                str(kind),
+                str(target),
+                str(user),
+                str(action),
+                _opt_int(until),
+                str(reason),
+                int(created),
+                "database",
+                int(entry_id),
+            )
+            for entry_id, kind, target, user, action, until, reason, created in await self._rules_fetch(
+                schema.select_sql(schema.LISTS, t, d), ()
+            )
+        ]
+        resets = [
+            Reset(int(reset_id), str(user), int(before), str(reason), int(created))
+            for reset_id, user, before, reason, created in await self._rules_fetch(
+                schema.select_sql(schema.RESETS, t, d, " WHERE before_ms >= ?"), (resets_since_ms,)
+            )
+        ]
+        return StoredRules(overrides, entries, resets)
+
+    async def set_override(self, override: Override) -> None:
+        """The user's override for that window, in place of any earlier one."""
+        t, d = self.table, self.dialect
+        await self._rules_execute(
+            [
+                (
+                    schema.delete_sql(schema.OVERRIDES, t, d, "sasl_username = ? AND window_ms = ?"),
+                    (override.sasl_username, override.window_ms),
+                ),
+                (
+                    schema.insert_sql(schema.OVERRIDES, t, d),
+                    (
+                        override.sasl_username,
+                        override.window_ms,
+                        override.hold,
+                        override.reject,
+                        override.until_ms,
+                        override.reason,
+                        override.created_ms,
+                    ),
+                ),
+            ]
+        )
+
+    async def remove_overrides(self, sasl_username: str, window_ms: int | None = None) -> int:
+        """The user's overrides (of one window, or all); returns how many were removed."""
+        t, d = self.table, self.dialect
+        statement: tuple[str, Sequence[Any]]
+        if window_ms is None:
+            statement = (schema.delete_sql(schema.OVERRIDES, t, d, "sasl_username = ?"), (sasl_username,))
+        else:
+            statement = (
+                schema.delete_sql(schema.OVERRIDES, t, d, "sasl_username = ? AND window_ms = ?"),
+                (sasl_username, window_ms),
+            )
+        [removed] = await self._rules_execute([statement])
+        return removed
+
+    async def add_list_entry(self, entry: ListEntry) -> None:
+        """The entry, in place of any for the same target and user (allow or block)."""
+        t, d = self.table, self.dialect
+        await self._rules_execute(
+            [
+                (
+                    schema.delete_sql(schema.LISTS, t, d, "target = ? AND sasl_username = ?"),
+                    (entry.target, entry.user),
+                ),
+                (
+                    schema.insert_sql(schema.LISTS, t, d),
+                    (
+                        entry.kind,
+                        entry.target,
+                        entry.user,
+                        entry.action,
+                        entry.until_ms,
+                        entry.reason,
+                        entry.created_ms,
+                    ),
+                ),
+            ]
+        )
+
+    async def remove_list_entries(self, target: str, sasl_username: str | None = None) -> int:
+        """Entries for the target (of that user only, when given); returns how many."""
+        t, d = self.table, self.dialect
+        statement: tuple[str, Sequence[Any]]
+        if sasl_username is None:
+            statement = (schema.delete_sql(schema.LISTS, t, d, "target = ?"), (target,))
+        else:
+            statement = (
+                schema.delete_sql(schema.LISTS, t, d, "target = ? AND sasl_username = ?"),
+                (target, sasl_username),
+            )
+        [removed] = await self._rules_execute([statement])
+        return removed
+
+    async def add_reset(self, reset: Reset) -> None:
+        t, d = self.table, self.dialect
+        await self._rules_execute(
+            [
+                (
+                    schema.insert_sql(schema.RESETS, t, d),
+                    (reset.sasl_username, reset.before_ms, reset.reason, reset.created_ms),
+                )
+            ]
+        )
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)

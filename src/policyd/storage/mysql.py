@@ -150,6 +150,7 @@ from pymysql.converters import escape_string
 
 from policyd.logs import log
 from policyd.quota import Outcome
+from policyd.storage import schema
 from policyd.storage.base import (
     EVENT_COLUMNS,
     EVENT_ID_CHUNK,
@@ -557,6 +558,8 @@ def _node_text(node: tuple[str, int]) -> str:
 
 
 class MySQLStorage(Storage):
+    dialect = schema.MYSQL
+
     def __init__(
         self,
         *,
@@ -1065,6 +1068,18 @@ class MySQLStorage(Storage):
         )
 
     async def _plan(self, conn: Any) -> list[_Step]:
+        """The events table's steps, then the rules tables' (storage/schema.py)."""
+        steps = await self._plan_events(conn)
+        async with conn.cursor() as cursor:
+            await cursor.execute(schema.EXISTING_TABLES_SQL[schema.MYSQL])
+            existing = {_text(row[0]) for row in await cursor.fetchall()}
+        steps += [
+            _Step([step], statement)
+            for step, statement in schema.missing_tables(self.table, existing, schema.MYSQL)
+        ]
+        return steps
+
+    async def _plan_events(self, conn: Any) -> list[_Step]:
         layout = await self._read_layout(conn)
         self._layout = layout
         table = self.table
@@ -1549,38 +1564,63 @@ class MySQLStorage(Storage):
 
         return await self._run("reading queue ids", run, retry_safe=True)
 
-    async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
+    async def top_senders(
+        self,
+        since: datetime,
+        limit: int,
+        user: str | None = None,
+        counted: Sequence[Outcome] = (Outcome.DUNNO, Outcome.HOLD),
+    ) -> list[SenderStats]:
         bound = format_ts(since)
+        actions = [str(outcome) for outcome in counted]
 
         async def run(conn: Any) -> list[SenderStats]:
             layout = await self._layout_of(conn)
             table = _q(self.table)
+            params: list[Any]
             if layout.go_policyd:
+                counted_sql = "COALESCE(SUM(recipient_count), 0)" if "DUNNO" in actions else "0"
+                only = " AND CONVERT(sasl_username USING utf8mb4) = %s" if user is not None else ""
                 sql = (
                     "SELECT MIN(CONVERT(sasl_username USING utf8mb4)), COALESCE(SUM(recipient_count), 0), "
-                    f"COUNT(*), 0, 0, {self._ts_out_sql(layout, 'MAX(ts)')} "
-                    f"FROM {table} WHERE ts >= {self._since_sql(layout)} GROUP BY sasl_username "
-                    "ORDER BY 2 DESC, 1 LIMIT %s"
+                    f"COUNT(*), 0, 0, {self._ts_out_sql(layout, 'MAX(ts)')}, {counted_sql}, "
+                    "COUNT(DISTINCT client_address) "
+                    f"FROM {table} WHERE ts >= {self._since_sql(layout)}{only} GROUP BY sasl_username "
+                    "ORDER BY 7 DESC, 2 DESC, 1 LIMIT %s"
                 )
+                params = [bound, *([user] if user is not None else []), limit]
             else:
                 group = "user_key" if layout.has_user_key else "sasl_username"
+                marks = ", ".join(["%s"] * len(actions)) or "NULL"
+                only = ""
+                only_params: list[Any] = []
+                if user is not None:
+                    if layout.has_user_key:
+                        only, only_params = f" AND user_key = {_user_key_sql('%s')}", [user] * 4
+                    else:
+                        only, only_params = " AND sasl_username = %s", [user]
                 sql = (
                     "SELECT MIN(sasl_username), COALESCE(SUM(recipient_count), 0), COUNT(*), "
-                    "SUM(action = 'HOLD'), SUM(action = 'REJECT'), MAX(ts) "
-                    f"FROM {table} WHERE ts >= %s GROUP BY {group} ORDER BY 2 DESC, 1 LIMIT %s"
+                    "SUM(action = 'HOLD'), SUM(action = 'REJECT'), MAX(ts), "
+                    f"COALESCE(SUM(CASE WHEN action IN ({marks}) THEN recipient_count ELSE 0 END), 0), "
+                    "COUNT(DISTINCT client_address) "
+                    f"FROM {table} WHERE ts >= %s{only} GROUP BY {group} ORDER BY 7 DESC, 2 DESC, 1 LIMIT %s"
                 )
+                params = [*actions, bound, *only_params, limit]
             async with conn.cursor() as cursor:
-                await cursor.execute(sql, (bound, limit))
+                await cursor.execute(sql, params)
                 return [
                     SenderStats(
-                        _text(user),
+                        _text(name),
                         _int(recipients),
                         _int(messages),
                         _int(held),
                         _int(rejected),
                         _as_utc(last),
+                        _int(counted_sum),
+                        _int(addresses),
                     )
-                    for user, recipients, messages, held, rejected, last in await cursor.fetchall()
+                    for name, recipients, messages, held, rejected, last, counted_sum, addresses in await cursor.fetchall()
                 ]
 
         return await self._run("listing top senders", run, retry_safe=True)
@@ -1672,3 +1712,36 @@ class MySQLStorage(Storage):
             return _int(row[0]) if row else 0
 
         return await self._run("counting events", run, retry_safe=True)
+
+    async def _rules_fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        rendered = schema.placeholders(sql, schema.MYSQL)
+
+        async def run(conn: Any) -> list[tuple[Any, ...]]:
+            async with conn.cursor() as cursor:
+                await cursor.execute(rendered, tuple(params))
+                return [
+                    tuple(_text(value) if isinstance(value, bytes | bytearray) else value for value in row)
+                    for row in await cursor.fetchall()
+                ]
+
+        return await self._run("reading rules", run, retry_safe=True)
+
+    async def _rules_execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        async def run(conn: Any) -> list[int]:
+            counts: list[int] = []
+            async with conn.cursor() as cursor:
+                await conn.begin()
+                try:
+                    for sql, params in statements:
+                        counts.append(
+                            int(await cursor.execute(schema.placeholders(sql, schema.MYSQL), tuple(params)))
+                        )
+                    await conn.commit()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await conn.rollback()
+                    raise
+            return counts
+
+        # Not retried: a COMMIT that may have landed would add an entry twice.
+        return await self._run("changing rules", run, retry_safe=False)

@@ -86,6 +86,7 @@ import asyncpg
 
 from policyd.logs import log
 from policyd.quota import Outcome
+from policyd.storage import schema
 from policyd.storage.base import (
     EVENT_COLUMNS,
     EVENT_VALUES,
@@ -236,6 +237,8 @@ class _Plan:
 
 
 class PostgreSQLStorage(Storage):
+    dialect = schema.POSTGRESQL
+
     def __init__(
         self,
         *,
@@ -500,6 +503,13 @@ class PostgreSQLStorage(Storage):
             # Rewritten columns lose their statistics: give the planner fresh ones now.
             steps.append(f"analyze {self.relname}")
             statements.append(f"ANALYZE {t}")
+        existing_tables = {
+            str(row[0])
+            for row in await connection.fetch(schema.EXISTING_TABLES_SQL[schema.POSTGRESQL], timeout=timeout)
+        }
+        for step, statement in schema.missing_tables(self.relname, existing_tables, schema.POSTGRESQL):
+            steps.append(step)
+            statements.append(statement)
         return _Plan(steps, statements)
 
     def _column_changes(self, columns: dict[str, Any], primary: Any) -> list[tuple[str, str]]:
@@ -769,32 +779,56 @@ class PostgreSQLStorage(Storage):
 
         return await self._run("reading queue ids", read)
 
-    async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
+    async def top_senders(
+        self,
+        since: datetime,
+        limit: int,
+        user: str | None = None,
+        counted: Sequence[Outcome] = (Outcome.DUNNO, Outcome.HOLD),
+    ) -> list[SenderStats]:
         since = _ms(since)
+        if user is not None:
+            _check_no_nul("sasl_username", user)
         sql = (
             "SELECT sasl_username, COALESCE(SUM(recipient_count), 0)::bigint, COUNT(*), "
-            "COUNT(*) FILTER (WHERE action = 'HOLD'), COUNT(*) FILTER (WHERE action = 'REJECT'), MAX(ts) "
-            f"FROM {self._t} WHERE ts >= $1::timestamptz GROUP BY sasl_username "
-            'ORDER BY 2 DESC, sasl_username COLLATE "C" LIMIT $2'
+            "COUNT(*) FILTER (WHERE action = 'HOLD'), COUNT(*) FILTER (WHERE action = 'REJECT'), MAX(ts), "
+            "COALESCE(SUM(recipient_count) FILTER (WHERE action = ANY($3::text[])), 0)::bigint, "
+            "COUNT(DISTINCT client_address) "
+            f"FROM {self._t} WHERE ts >= $1::timestamptz AND ($4::text IS NULL OR sasl_username = $4) "
+            "GROUP BY sasl_username "
+            'ORDER BY 7 DESC, 2 DESC, sasl_username COLLATE "C" LIMIT $2'
         )
         legacy_sql = (
             "SELECT rtrim(sasl_username::text, ' '), COALESCE(SUM(recipient_count), 0)::bigint, COUNT(*), "
-            "0, 0, MAX(ts) "
-            f"FROM {self._t} WHERE ts >= $1::timestamptz GROUP BY 1 "
-            "ORDER BY 2 DESC, rtrim(sasl_username::text, ' ') COLLATE \"C\" LIMIT $2"
+            "0, 0, MAX(ts), "
+            "CASE WHEN 'DUNNO' = ANY($3::text[]) THEN COALESCE(SUM(recipient_count), 0) ELSE 0 END::bigint, "
+            "COUNT(DISTINCT client_address) "
+            f"FROM {self._t} WHERE ts >= $1::timestamptz "
+            "AND ($4::text IS NULL OR rtrim(sasl_username::text, ' ') = $4) GROUP BY 1 "
+            "ORDER BY 7 DESC, 2 DESC, rtrim(sasl_username::text, ' ') COLLATE \"C\" LIMIT $2"
         )
+        actions = [str(outcome) for outcome in counted]
 
         async def top(connection: Any) -> list[Any]:
             try:
-                rows: list[Any] = await connection.fetch(sql, since, limit)
+                rows: list[Any] = await connection.fetch(sql, since, limit, actions, user)
             except asyncpg.UndefinedColumnError:
-                rows = await connection.fetch(legacy_sql, since, limit)
+                rows = await connection.fetch(legacy_sql, since, limit, actions, user)
             return rows
 
         rows = await self._run("listing top senders", top)
         return [
-            SenderStats(str(user), int(recipients), int(messages), int(held), int(rejected), _as_utc(last))
-            for user, recipients, messages, held, rejected, last in rows
+            SenderStats(
+                str(name),
+                int(recipients),
+                int(messages),
+                int(held),
+                int(rejected),
+                _as_utc(last),
+                int(counted_sum),
+                int(addresses),
+            )
+            for name, recipients, messages, held, rejected, last, counted_sum, addresses in rows
         ]
 
     async def user_events(self, sasl_username: str, since: datetime, limit: int) -> list[Event]:
@@ -875,3 +909,27 @@ class PostgreSQLStorage(Storage):
             return int(await connection.fetchval(f"SELECT COUNT(*) FROM {self._t}"))
 
         return await self._run("counting events", count)
+
+    async def _rules_fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        rendered = schema.placeholders(sql, schema.POSTGRESQL)
+
+        async def read(connection: Any) -> list[tuple[Any, ...]]:
+            return [tuple(row) for row in await connection.fetch(rendered, *params)]
+
+        return await self._run("reading rules", read)
+
+    async def _rules_execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        for _, params in statements:
+            for value in params:
+                if isinstance(value, str):
+                    _check_no_nul("a rule", value)
+
+        async def run(connection: Any) -> list[int]:
+            counts = []
+            async with connection.transaction():
+                for sql, params in statements:
+                    status = await connection.execute(schema.placeholders(sql, schema.POSTGRESQL), *params)
+                    counts.append(_rows_affected(status))
+            return counts
+
+        return await self._run("changing rules", run)

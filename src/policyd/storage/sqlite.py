@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from policyd.permissions import not_writable_hint
 from policyd.quota import Outcome
+from policyd.storage import schema
 from policyd.storage.base import (
     EVENT_COLUMNS,
     EVENT_ID_CHUNK,
@@ -184,6 +185,8 @@ def _in_transaction(
 
 
 class SQLiteStorage(Storage):
+    dialect = schema.SQLITE
+
     def __init__(self, path: str, table: str = "events") -> None:
         super().__init__(table)
         self.path = path
@@ -304,6 +307,10 @@ class SQLiteStorage(Storage):
             for name, statement in self._wanted_indexes().items()
             if name not in existing_indexes
         ]
+        existing_tables = {
+            str(row[0]) for row in connection.execute(schema.EXISTING_TABLES_SQL[schema.SQLITE])
+        }
+        steps += schema.missing_tables(table, existing_tables, schema.SQLITE)
         return steps
 
     async def pending_migrations(self) -> list[str]:
@@ -486,19 +493,40 @@ class SQLiteStorage(Storage):
         )
         return {str(row[0]) for row in rows}
 
-    async def top_senders(self, since: datetime, limit: int) -> list[SenderStats]:
+    async def top_senders(
+        self,
+        since: datetime,
+        limit: int,
+        user: str | None = None,
+        counted: Sequence[Outcome] = (Outcome.DUNNO, Outcome.HOLD),
+    ) -> list[SenderStats]:
+        marks = ", ".join("?" * len(counted)) or "NULL"
+        only = " AND sasl_username = ?" if user is not None else ""
         sql = (
             "SELECT sasl_username, SUM(recipient_count), COUNT(*), "
-            "SUM(action = 'HOLD'), SUM(action = 'REJECT'), MAX(ts) "
-            f"FROM {self.table} WHERE ts >= ? GROUP BY sasl_username "
-            "ORDER BY 2 DESC, 1 LIMIT ?"
+            "SUM(action = 'HOLD'), SUM(action = 'REJECT'), MAX(ts), "
+            f"SUM(CASE WHEN action IN ({marks}) THEN recipient_count ELSE 0 END), COUNT(DISTINCT client_address) "
+            f"FROM {self.table} WHERE ts >= ?{only} GROUP BY sasl_username "
+            "ORDER BY 7 DESC, 2 DESC, 1 LIMIT ?"
         )
-        rows = await self._read(
-            lambda c: c.execute(sql, (format_ts(since), limit)).fetchall(), "listing top senders"
-        )
+        params: list[object] = [str(outcome) for outcome in counted]
+        params.append(format_ts(since))
+        if user is not None:
+            params.append(user)
+        params.append(limit)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall(), "listing top senders")
         return [
-            SenderStats(str(user), int(recipients), int(messages), int(held), int(rejected), parse_ts(last))
-            for user, recipients, messages, held, rejected, last in rows
+            SenderStats(
+                str(name),
+                int(recipients),
+                int(messages),
+                int(held),
+                int(rejected),
+                parse_ts(last),
+                int(counted_sum),
+                int(addresses),
+            )
+            for name, recipients, messages, held, rejected, last, counted_sum, addresses in rows
         ]
 
     async def user_events(self, sasl_username: str, since: datetime, limit: int) -> list[Event]:
@@ -546,3 +574,19 @@ class SQLiteStorage(Storage):
         sql = f"SELECT COUNT(*) FROM {self.table}"
         row = await self._read(lambda c: c.execute(sql).fetchone(), "counting events")
         return int(row[0]) if row else 0
+
+    async def _rules_fetch(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+        return await self._read(
+            lambda c: [tuple(row) for row in c.execute(sql, tuple(params))], "reading rules"
+        )
+
+    async def _rules_execute(self, statements: Sequence[tuple[str, Sequence[object]]]) -> list[int]:
+        self._check_file()
+
+        def run(connection: sqlite3.Connection) -> list[int]:
+            return _in_transaction(
+                connection,
+                lambda: [connection.execute(sql, tuple(params)).rowcount for sql, params in statements],
+            )
+
+        return await self._write(run, "changing rules")
