@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -194,23 +194,8 @@ class FakeClock:
         self.now += timedelta(**delta)
 
 
-SETTINGS_KEYS = frozenset(
-    {
-        "db_timeout",
-        "db_retry",
-        "db_error_action",
-        "socket",
-        "retention",
-        "spool",
-        "spool_max_size",
-        "allowed_clients",
-        "max_connections",
-        "http_listen",
-        "http_allowed_clients",
-        "http_user",
-        "http_password_hash",
-    }
-)
+# Keywords of make_settings that are Settings' own (the others are QuotaRules').
+SETTINGS_KEYS = frozenset(item.name for item in fields(Settings)) - {"rules", "database", "table", "port"}
 
 
 def make_settings(url: str, table: str = "events", **changes: Any) -> Settings:

@@ -310,6 +310,7 @@ MIGRATION_STEPS = [
     "create table events_overrides (per-user limit overrides)",
     "create table events_lists (allow and block entries)",
     "create table events_resets (resets of users' counted recipients)",
+    "create table events_alerts (alerts told, one per incident)",
 ]
 
 
@@ -344,6 +345,7 @@ def test_migrate_uses_the_configured_table(config: Path, db_path: Path) -> None:
         "mail_events_overrides",
         "mail_events_lists",
         "mail_events_resets",
+        "mail_events_alerts",
         "sqlite_sequence",
     }
 

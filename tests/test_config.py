@@ -541,6 +541,10 @@ def test_describe_shows_every_effective_value(tmp_path: Path) -> None:
         ("http_allowed_clients", "127.0.0.0/8, ::1/128"),
         ("http_user", "(none: no password asked)"),
         ("http_password_hash", "(none)"),
+        ("alert_mail_to", "(none)"),
+        ("alert_mail_from", "policyd@<this host>"),
+        ("alert_smtp", "localhost:25"),
+        ("alert_webhook", "(none)"),
     ]
 
 

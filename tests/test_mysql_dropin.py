@@ -347,6 +347,7 @@ async def test_missing_table_says_to_migrate(db: Database) -> None:
             "create table events_overrides (per-user limit overrides)",
             "create table events_lists (allow and block entries)",
             "create table events_resets (resets of users' counted recipients)",
+            "create table events_alerts (alerts told, one per incident)",
         ]
     finally:
         await store.close()

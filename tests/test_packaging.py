@@ -49,7 +49,7 @@ def run(*command: str | Path, cwd: Path | None = None, timeout: float = 600) -> 
 
 
 def normalized(text: str) -> str:
-    return " ".join(text.split())
+    return " ".join(text.replace("\b", "").split())  # click's no-rewrap mark is not text
 
 
 # ---------------------------------------------------------------------------

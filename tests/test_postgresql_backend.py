@@ -204,6 +204,7 @@ async def test_fresh_schema_types_and_indexes(pg: PgDatabase) -> None:
             "create table events_overrides (per-user limit overrides)",
             "create table events_lists (allow and block entries)",
             "create table events_resets (resets of users' counted recipients)",
+            "create table events_alerts (alerts told, one per incident)",
         ]
         assert await store.migrate() == pending
         assert await store.pending_migrations() == []
@@ -301,6 +302,7 @@ async def test_go_policyd_table_is_upgraded_in_place(pg: PgDatabase) -> None:
             "create table events_overrides (per-user limit overrides)",
             "create table events_lists (allow and block entries)",
             "create table events_resets (resets of users' counted recipients)",
+            "create table events_alerts (alerts told, one per incident)",
         ]
         assert await store.migrate() == pending
         assert await store.pending_migrations() == []

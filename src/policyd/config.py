@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import stat
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -76,6 +77,10 @@ class Settings:
     http_allowed_clients: tuple[IPNetwork, ...] = DEFAULT_ALLOWED_CLIENTS
     http_user: str | None = None
     http_password_hash: str | None = None
+    alert_mail_to: tuple[str, ...] = ()
+    alert_mail_from: str = ""  # "": policyd@<this host>
+    alert_smtp: tuple[str, int] = ("localhost", 25)
+    alert_webhook: str | None = None
     rules: QuotaRules = field(default_factory=QuotaRules)
     warnings: tuple[str, ...] = ()
 
@@ -113,6 +118,14 @@ class Settings:
             ("http_allowed_clients", ", ".join(str(network) for network in self.http_allowed_clients)),
             ("http_user", self.http_user or "(none: no password asked)"),
             ("http_password_hash", "(set)" if self.http_password_hash else "(none)"),
+            ("alert_mail_to", ", ".join(self.alert_mail_to) or "(none)"),
+            ("alert_mail_from", self.alert_mail_from or "policyd@<this host>"),
+            ("alert_smtp", _format_address(self.alert_smtp)),
+            # The path of a webhook URL is often its secret: the host only.
+            (
+                "alert_webhook",
+                _webhook_host(self.alert_webhook) + " (path hidden)" if self.alert_webhook else "(none)",
+            ),
         ]
 
 
@@ -242,6 +255,37 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_addresses(text: str) -> tuple[str, ...]:
+    """Mail addresses, comma-separated."""
+    addresses = tuple(part.strip() for part in text.split(",") if part.strip())
+    for address in addresses:
+        if not re.fullmatch(r"[^@\s<>,]+@[^@\s<>,]+", address):
+            raise ValueError(f"{address!r} is not a mail address (like postmaster@example.org)")
+    if not addresses:
+        raise ValueError("no mail address given")
+    return addresses
+
+
+def parse_address(text: str) -> str:
+    addresses = parse_addresses(text)
+    if len(addresses) != 1:
+        raise ValueError("one mail address only")
+    return addresses[0]
+
+
+def parse_webhook(text: str) -> str:
+    text = text.strip()
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL")
+    return text
+
+
+def _webhook_host(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}"
+
+
 def parse_user(text: str) -> str:
     if ":" in text or not text.isprintable():
         raise ValueError("a user name for basic auth cannot hold ':' or control characters")
@@ -355,6 +399,16 @@ KEYS: dict[str, tuple[Any, str]] = {
     "http_password_hash": (
         parse_password_hash,
         "hash of that user's password, from `policyd hash-password` (never the password itself)",
+    ),
+    "alert_mail_to": (
+        parse_addresses,
+        "who gets a mail when a user crosses a limit (comma-separated; default none)",
+    ),
+    "alert_mail_from": (parse_address, "sender of those mails (default policyd@<this host>)"),
+    "alert_smtp": (parse_listen, "SMTP server that takes those mails, host:port (default localhost:25)"),
+    "alert_webhook": (
+        parse_webhook,
+        "URL that gets a JSON POST when a user crosses a limit (Slack, Mattermost...)",
     ),
 }
 REPEATABLE = frozenset({"whitelist", "blacklist", "limit"})
@@ -506,6 +560,10 @@ def settings_from_text(text: str, path: str) -> Settings:
         http_allowed_clients=values.get("http_allowed_clients", defaults.http_allowed_clients),
         http_user=values.get("http_user"),
         http_password_hash=values.get("http_password_hash"),
+        alert_mail_to=values.get("alert_mail_to", ()),
+        alert_mail_from=values.get("alert_mail_from", ""),
+        alert_smtp=values.get("alert_smtp", defaults.alert_smtp),
+        alert_webhook=values.get("alert_webhook"),
         rules=rules,
         warnings=tuple(warnings),
     )

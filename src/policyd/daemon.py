@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from policyd import __version__, systemd
+from policyd.alerts.alerter import Alerter
 from policyd.clock import to_ms, utc_now
 from policyd.config import ConfigError, Settings, load_settings
 from policyd.decider import Decider, window_spans
@@ -72,6 +73,7 @@ class Daemon:
         self.decider: Decider | None = None
         self.writer: EventWriter | None = None
         self.sync: WindowSync | None = None
+        self.alerter: Alerter | None = None
         self.outage: Outage | None = None
         self.storage: Storage | None = None
         self.opened = False  # storage open and migrated (the status page may query it)
@@ -110,6 +112,9 @@ class Daemon:
         )
         decider.catch_up = sync.catch_up
         decider.others_active = sync.others_active
+        alerter = self.alerter = Alerter(settings, storage, self.origin, self.clock)
+        decider.alerts = alerter.observe
+        sync.on_reset = alerter.reset
         server = self.server = PolicyServer(settings, decider, stats)
         decider.adopt(await writer.open_spool())
         first_attempt, opened = asyncio.Event(), asyncio.Event()
@@ -124,6 +129,7 @@ class Daemon:
                 outage.failed(error, "load")  # listen anyway; sync.run() tries again
         writer.start()
         self._spawn(self._once_open(opened, sync.run), "policyd-sync")
+        self._spawn(alerter.run(), "policyd-alerts")
         self._spawn(
             self._once_open(opened, lambda: purge_every_day(storage, lambda: self.settings.retention)),
             "policyd-purge",
@@ -281,6 +287,8 @@ class Daemon:
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed, it takes effect only after a restart", reason)
         self.settings = new
+        if self.alerter is not None:
+            self.alerter.settings = new  # alert_* keys apply at once
         held_from = to_ms(self.clock()) - self.decider.window.longest
         if self.decider.reload(new) and self.sync is not None:
             # A longer window than was held: read the part before it from the database.

@@ -27,7 +27,7 @@ from policyd.config import Settings
 from policyd.logs import log
 from policyd.outage import Outage
 from policyd.protocol import PolicyRequest
-from policyd.quota import Message, Outcome, QuotaRules, Verdict, decide, outcome_of_action, precheck
+from policyd.quota import Limit, Message, Outcome, QuotaRules, Verdict, decide, outcome_of_action, precheck
 from policyd.rules import RuntimeRules
 from policyd.stats import Stats
 from policyd.storage import Event
@@ -76,6 +76,8 @@ class Decider:
         # rows now (bounded), and tells whether any are active.
         self.catch_up: Callable[[float], Awaitable[bool]] | None = None
         self.others_active: Callable[[], int] = lambda: 0
+        # Told each counted decision (user, limits, totals, ms): the alerts' incidents.
+        self.alerts: Callable[[str, tuple[Limit, ...], tuple[int, ...], int], None] | None = None
         self._strict_tasks: set[asyncio.Future[None]] = set()
         # The database's allow / block entries and per-user overrides (sync.py keeps them).
         self.runtime = RuntimeRules()
@@ -240,6 +242,8 @@ class Decider:
             if self.outage.active or not self.complete:
                 self.stats.decided_during_outage += 1
         self.window.add(user, now_ms, message.recipient_count, verdict.outcome, now_ms)
+        if self.alerts is not None and verdict.totals:
+            self.alerts(user, rules.limits, verdict.totals, now_ms)  # a look-up; no I/O
         self.stats.decisions[verdict.outcome.value, verdict.limit.label if verdict.limit else ""] += 1
         self.stats.events_counted += 1
         self._log_counted(message, verdict, rules)

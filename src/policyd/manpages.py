@@ -9,6 +9,7 @@ pages cannot say something the program does not.  The Debian package runs
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def bold(text: str) -> str:
 def help_paragraphs(text: str) -> list[str]:
     """Click help text as roff: paragraphs reflowed, blocks marked with click's \\b kept as they are."""
     out = []
-    for block in text.strip().split("\n\n"):
+    for block in inspect.cleandoc(text).split("\n\n"):  # a docstring's indentation off
         if block.startswith("\b\n"):
             out.append(".PP\n.nf\n" + roff_text(block[2:]) + "\n.fi")
         else:

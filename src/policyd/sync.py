@@ -103,6 +103,7 @@ class WindowSync:
         self._origins: dict[str, float] = {}
         self._assume_others_until = 0.0  # monotonic; see OTHERS_UNKNOWN_SECONDS
         self._ids_back_since: float | None = None  # monotonic; see IDS_BACK_SECONDS
+        self.on_reset: Callable[[str], None] | None = None  # a user reset (the alerts' incidents end)
         self.last_poll = 0.0  # monotonic time of the last successful poll
         # The rules tables as last read (their signature), the resets applied to the window.
         self.rules_signature: tuple[int, ...] | None = None
@@ -210,6 +211,8 @@ class WindowSync:
                 continue
             self._resets_applied.add(reset.reset_id)
             forgotten = self.window.reset(reset.sasl_username, reset.before_ms)
+            if self.on_reset is not None:
+                self.on_reset(reset.sasl_username)
             if not first:
                 log.info(
                     "reset of user %s applied: %d recipients forgotten (%s)",

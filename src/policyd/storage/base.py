@@ -8,6 +8,7 @@ exception type whatever the database.
 from __future__ import annotations
 
 import abc
+import hashlib
 import random
 import re
 import time
@@ -448,6 +449,42 @@ class Storage(abc.ABC):
                 )
             ]
         )
+
+    async def claim_alert(
+        self, sasl_username: str, limit_label: str, level: int, *, at_ms: int, window_ms: int, origin: str
+    ) -> bool:
+        """Whether this daemon is the one to tell that `sasl_username` reached `level`
+        (1 HOLD, 2 REJECT) of the limit `limit_label` at `at_ms`: False if that incident
+        was told already, by any daemon sharing the database (an alert of this level or
+        higher for the limit within its window, since the user's last reset), or is
+        being claimed by another at this moment (the unique claim)."""
+        t, d = self.table, self.dialect
+        alerts = schema.quote(schema.ALERTS.name(schema.table_name_for(t, d)), d)
+        resets = schema.quote(schema.RESETS.name(schema.table_name_for(t, d)), d)
+        [(reset_ms,)] = await self._rules_fetch(
+            f"SELECT COALESCE(MAX(created_ms), 0) FROM {resets} WHERE sasl_username = ?", (sasl_username,)
+        )
+        since = max(at_ms - window_ms, int(reset_ms))
+        [(told,)] = await self._rules_fetch(
+            f"SELECT COUNT(*) FROM {alerts} WHERE sasl_username = ? AND limit_label = ? AND level >= ? AND at_ms >= ?",
+            (sasl_username, limit_label, level, since),
+        )
+        if int(told):
+            return False
+        # Two daemons crossing in one incident at once: one claim between them (the
+        # window's bucket of the moment, and the last reset, name the incident).
+        claim = hashlib.sha256(
+            f"{sasl_username}\0{limit_label}\0{level}\0{at_ms // max(window_ms, 1)}\0{reset_ms}".encode()
+        ).hexdigest()[:32]
+        [inserted] = await self._rules_execute(
+            [
+                (
+                    schema.insert_unless_there_sql(schema.ALERTS, t, d),
+                    (claim, sasl_username, limit_label, level, at_ms, origin),
+                )
+            ]
+        )
+        return inserted == 1
 
 
 def _opt_int(value: Any) -> int | None:

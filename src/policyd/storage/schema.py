@@ -8,6 +8,8 @@ database:
 ``<t>_overrides``  a user's own thresholds for one limit window
 ``<t>_lists``      allow and block entries
 ``<t>_resets``     a user's events before a moment are forgotten
+``<t>_alerts``     the alerts told (claimed by the daemon that tells them, so that of
+                   several relays one only does; not a rule: not in the signature)
 
 Times are integers (milliseconds since the epoch, UTC), the daemon's own clock, as in
 the window: no time zone or column type differs between the backends.  Ids only grow
@@ -43,6 +45,7 @@ class Table:
     suffix: str  # the table is named <events table>_<suffix>
     columns: tuple[Column, ...]
     what: str
+    unique: tuple[str, ...] = ()  # columns whose values are unique (each of kind "key")
 
     def name(self, events_table: str) -> str:
         """<events table>_<suffix>; when that is longer than an identifier may be
@@ -99,6 +102,22 @@ RESETS = Table(
     "resets of users' counted recipients",
 )
 RULES_TABLES = (OVERRIDES, LISTS, RESETS)
+ALERTS = Table(
+    "alerts",
+    (
+        Column("id", "id"),
+        Column("claim", "key"),  # digest of user, limit, level and incident: one teller
+        Column("sasl_username", "text"),
+        Column("limit_label", "text"),
+        Column("level", "int"),  # 1 HOLD, 2 REJECT
+        Column("at_ms", "bigint"),  # when the limit was reached
+        Column("origin", "text"),  # the daemon run that told it
+    ),
+    "alerts told, one per incident",
+    unique=("claim",),
+)
+# Every table migrate() makes beside the events table.
+TABLES = (*RULES_TABLES, ALERTS)
 
 _TYPES: dict[str, dict[str, str]] = {
     SQLITE: {
@@ -106,18 +125,21 @@ _TYPES: dict[str, dict[str, str]] = {
         "text": "TEXT",
         "bigint": "INTEGER",
         "int": "INTEGER",
+        "key": "TEXT",
     },
     MYSQL: {
         "id": "BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY",
         "text": "TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
         "bigint": "BIGINT",
         "int": "INT",
+        "key": "VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin",
     },
     POSTGRESQL: {
         "id": "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
         "text": "text",
         "bigint": "bigint",
         "int": "integer",
+        "key": "text",
     },
 }
 _TABLE_OPTIONS = {
@@ -144,6 +166,8 @@ def create_statement(table: Table, events_table: str, dialect: str) -> str:
         + ("" if column.kind == "id" or column.nullable else " NOT NULL")
         for column in table.columns
     )
+    for column in table.unique:
+        columns += f", UNIQUE ({quote(column, dialect)})"
     name = quote(table.name(events_table), dialect)
     return f"CREATE TABLE IF NOT EXISTS {name} ({columns}){_TABLE_OPTIONS[dialect]}"
 
@@ -160,7 +184,7 @@ def missing_tables(events_table: str, existing: set[str], dialect: str) -> list[
     lowered = {name.lower() for name in existing}
     return [
         (f"create table {table.name(base)} ({table.what})", create_statement(table, base, dialect))
-        for table in RULES_TABLES
+        for table in TABLES
         if table.name(base).lower() not in lowered
     ]
 
@@ -188,6 +212,16 @@ def insert_sql(table: Table, events_table: str, dialect: str) -> str:
     columns = ", ".join(quote(name, dialect) for name in names)
     marks = ", ".join("?" * len(names))
     return f"INSERT INTO {quote(table.name(base), dialect)} ({columns}) VALUES ({marks})"
+
+
+def insert_unless_there_sql(table: Table, events_table: str, dialect: str) -> str:
+    """insert_sql(), skipped (0 rows) when a unique column's value is there already."""
+    plain = insert_sql(table, events_table, dialect)
+    if dialect == SQLITE:
+        return plain.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
+    if dialect == MYSQL:
+        return plain.replace("INSERT INTO", "INSERT IGNORE INTO", 1)
+    return f"{plain} ON CONFLICT DO NOTHING"
 
 
 def delete_sql(table: Table, events_table: str, dialect: str, where: str) -> str:
