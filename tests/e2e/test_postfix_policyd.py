@@ -19,6 +19,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -26,12 +27,21 @@ import pytest
 
 try:
     from tests.e2e.policyd_process import PolicydError, PolicydProcess, RecordedEvent
-    from tests.e2e.postfix_rig import PostfixRig, SendResult, free_port, make_message
+    from tests.e2e.postfix_rig import (
+        BackgroundLoop,
+        PostfixRig,
+        SendResult,
+        SmtpSink,
+        free_port,
+        make_message,
+    )
 except ImportError:  # tests/e2e is not a package: pytest put tests/e2e on sys.path
     from policyd_process import PolicydError, PolicydProcess, RecordedEvent  # type: ignore[no-redef,import-not-found]
     from postfix_rig import (  # type: ignore[no-redef,import-not-found]
+        BackgroundLoop,
         PostfixRig,
         SendResult,
+        SmtpSink,
         free_port,
         make_message,
     )
@@ -41,7 +51,10 @@ pytestmark = pytest.mark.postfix
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "postfix.md"
 QUOTA = 10  # defaultquota; rejectquota is then 20
-USERS = {name: f"{name}-pw" for name in ("alice", "bob", "carol", "dave", "erin", "u1", "u2", "u3", "u4")}
+USERS = {
+    name: f"{name}-pw"
+    for name in ("alice", "bob", "carol", "dave", "erin", "u1", "u2", "u3", "u4", "mallory@example.org")
+}
 RigFactory = Callable[..., PostfixRig]
 PolicydFactory = Callable[..., PolicydProcess]
 
@@ -518,6 +531,101 @@ def test_held_release_delete_touch_only_the_users_own_mail(
     rig.wait_delivered(2)  # the 10 and the last two: the released ones
     assert policyd_cli("held", "alice").stdout == "no held mail of alice\n"
     assert {m.queue_id for m in rig.held()} == {bob_id}
+
+
+RUNBOOK = ROOT / "docs" / "phished-account.md"
+RUNBOOK_USER = "mallory@example.org"
+
+
+def runbook_blocks() -> dict[str, str]:
+    blocks = {}
+    for match in re.finditer(r"^```([^\n]*)\n(.*?)^```[ \t]*$", RUNBOOK.read_text(), re.M | re.S):
+        blocks[" ".join(match.group(1).split())] = match.group(2)
+    return blocks
+
+
+def run_runbook(step: str, daemon: PolicydProcess, rig: PostfixRig) -> list[str]:
+    """The commands of the runbook's ```sh STEP block, as written, against this daemon
+    and this Postfix (POLICYD_CONFIG, POLICYD_POSTFIX_CONFIG); their outputs."""
+    env = dict(os.environ, POLICYD_CONFIG=str(daemon.config_path), POLICYD_POSTFIX_CONFIG=str(rig.config_dir))
+    outputs = []
+    for raw in runbook_blocks()[f"sh {step}"].splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        argv = shlex.split(line)
+        assert argv[0] == "policyd", line
+        proc = subprocess.run(
+            [sys.executable, "-m", "policyd", *argv[1:]], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, f"{line}: {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        outputs.append(proc.stdout)
+    return outputs
+
+
+def test_the_phished_account_runbook(policyd: PolicydFactory, postfix_rig: RigFactory) -> None:
+    """docs/phished-account.md, every command, in order, against a real Postfix."""
+    loop = BackgroundLoop()
+    alerts = SmtpSink(loop)
+    alerts.start()
+    try:
+        port = free_port()
+        config = doc_policyd_cfg("tcp", port=port)
+        for line in runbook_blocks()["policyd.cfg alerts"].splitlines():
+            if "=" in line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                config[key.strip()] = value.strip()
+        config["alert_smtp"] = f"127.0.0.1:{alerts.port}"
+        daemon = policyd(port=port, extra=config)
+        rig = postfix_rig(users=USERS, main_cf=doc_main_cf("end-of-data", port))
+
+        def spam(n: int, tag: str) -> SendResult:
+            return rig.send(RUNBOOK_USER, USERS[RUNBOOK_USER], RUNBOOK_USER, rcpts(n, tag))
+
+        assert spam(9, "a").accepted  # 9: delivered
+        held = [spam(2, "b"), spam(1, "c")]  # 11, 12: held
+        assert all(result.accepted for result in held)
+        rig.wait_queue(lambda queue: len([m for m in queue if m.queue_name == "hold"]) == 2)
+        assert send(rig, "alice", 1, tag="x").accepted  # someone else's mail, delivered
+
+        # 1. The alert arrives: one mail, naming the user and the held messages.
+        deadline = time.monotonic() + 20
+        while not alerts.messages:
+            assert time.monotonic() < deadline, "no alert"
+            time.sleep(0.2)
+        alert = alerts.messages[0].data.decode()
+        assert f"{RUNBOOK_USER} over 10/24h (HOLD)" in alert
+        assert "held so far: 2 messages:" in alert
+        for queue_id in (result.queue_id or "" for result in held):
+            assert queue_id in alert
+
+        # 2. Look.
+        user_view, held_list = run_runbook("look", daemon, rig)
+        assert RUNBOOK_USER in user_view and "held" in user_view
+        assert held_list.splitlines()[-1] == "2 held messages, 3 recipients"
+        # 3. Block: rejected now, whatever the total.
+        run_runbook("block", daemon, rig)
+        time.sleep(1.0)  # applied within a second
+        blocked = spam(1, "d")
+        assert (blocked.accepted, blocked.code) == (False, 554), blocked
+        # 4. The spam in hold: deleted, and no one else's mail touched.
+        dry, deleted = run_runbook("delete", daemon, rig)
+        assert dry.startswith(f"would delete 2 held messages of {RUNBOOK_USER}: ")
+        assert deleted.splitlines()[-1] == "postsuper: Deleted: 2 messages"
+        assert rig.held() == []
+        # 5. Given back: reset and unlisted, the next message is delivered.
+        reset, unlisted, after = run_runbook("give-back", daemon, rig)
+        assert reset.startswith(f"reset {RUNBOOK_USER}: recipients before ")
+        assert unlisted == f"removed 1 entries for {RUNBOOK_USER}\n"
+        assert after.startswith(f"user {RUNBOOK_USER}: ok\n")
+        assert "reset at " in after and ": password changed" in after
+        time.sleep(1.0)
+        assert spam(1, "e").accepted
+        rig.wait_delivered(3)  # the 9, alice's, the one after the reset
+        assert len(alerts.messages) == 1, "one incident, one alert"
+    finally:
+        alerts.stop()
+        loop.close()
 
 
 # ---------------------------------------------------------------------------------------
