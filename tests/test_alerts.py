@@ -122,6 +122,7 @@ async def test_a_mail_at_hold_and_one_at_reject_with_what_to_do(smtp_sink: SmtpS
         alert_mail_to=("postmaster@example.org",),
         alert_mail_from="policyd@relay.example.org",
         alert_smtp=("127.0.0.1", smtp_sink.port),
+        http_listen=("127.0.0.1", 0),
     )
     async with run_daemon(settings) as daemon:
         client = await daemon.client()
@@ -146,6 +147,7 @@ async def test_a_mail_at_hold_and_one_at_reject_with_what_to_do(smtp_sink: SmtpS
     assert "senders: alice@example.org (9), alice-Q2X@example.org (3)" in text
     assert "client addresses: 192.0.2.10 (9), 203.0.113.9 (3)" in text
     assert "held so far: 2 messages: Q3 Q4" in text
+    assert "status page: http://127.0.0.1:0/user?name=alice" in text
     for command in ("policyd user alice", "policyd held alice", "policyd block alice", "policyd reset alice"):
         assert command in text
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,6 +203,9 @@ class Alerter:
                     "  client addresses: "
                     + ", ".join(f"{address} ({count})" for address, count in report.addresses.most_common(10))
                 )
+            page = self._page_of(report.user)
+            if page:
+                lines.append(f"  status page: {page}")
             if report.held_queue_ids:
                 lines.append(
                     f"  held so far: {len(report.held_queue_ids)} messages: {' '.join(report.held_queue_ids[:20])}"
@@ -237,6 +241,17 @@ class Alerter:
         text = "\n".join(lines)
         payload: dict[str, object] = {"text": f"{subject}\n{text}", "host": host, "users": users_payload}
         return subject, text, payload
+
+    def _page_of(self, user: str) -> str | None:
+        """The user's status page, when the HTTP listener is on."""
+        listen = self.settings.http_listen
+        if listen is None:
+            return None
+        host, port = listen
+        if host in {"0.0.0.0", "::", ""}:
+            host = socket.getfqdn()
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}/user?name={urllib.parse.quote(user, safe='')}"
 
     def _send(
         self, channels: list[str], subject: str, text: str, payload: dict[str, object]
