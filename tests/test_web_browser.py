@@ -186,7 +186,14 @@ async def test_status_pages_in_chromium(browser: Any, tmp_path: Path) -> None:
             ".map(r => Array.from(r.cells).map(c => c.textContent))",
         )
         assert recent == [
-            [f"{e.ts:%Y-%m-%d %H:%M:%S}", e.sender, e.client_address, str(e.recipient_count), e.outcome.value]
+            [
+                f"{e.ts:%Y-%m-%d %H:%M:%S}",
+                e.sender,
+                e.client_address,
+                str(e.recipient_count),
+                e.outcome.value,
+                e.queue_id,
+            ]
             for e in bob_events
         ]
         assert [row[4] for row in recent] == ["HOLD", "DUNNO"]

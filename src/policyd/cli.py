@@ -968,5 +968,6 @@ def user_command(config_path: str, user: str, recent: int, as_json: bool) -> Non
         click.echo(
             f"    {event.ts:%Y-%m-%d %H:%M:%S}  {event.recipient_count:>6}  {event.outcome!s:<6}  "
             f"{printable(event.sender) or '<>'}  {printable(event.client_address)}"
+            + (f"  queue id {printable(event.queue_id)}" if event.queue_id else "")
             + ("" if counted else "  (not counted)")
         )

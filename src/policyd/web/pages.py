@@ -384,14 +384,15 @@ def _recent_section(events: list[Event]) -> str:
         f'<tr><td class="num">{event.ts.astimezone(UTC):%Y-%m-%d %H:%M:%S}</td>'
         f'<td class="name">{escape(event.sender)}</td><td>{escape(event.client_address)}</td>'
         f'<td class="num recipients">{event.recipient_count}</td>'
-        f"<td>{_state_badge(_outcome_state(event.outcome), event.outcome.value)}</td></tr>"
+        f"<td>{_state_badge(_outcome_state(event.outcome), event.outcome.value)}</td>"
+        f'<td class="queue-id">{escape(event.queue_id)}</td></tr>'
         for event in events
     )
     return (
         f'<section id="recent"><h2>Recent events <span class="note">the newest {len(events)}, UTC</span></h2>'
         '<div class="scroll"><table id="recent-events"><thead><tr><th>Time</th><th>Sender</th><th>Client IP</th>'
-        '<th class="num">Recipients</th><th>Action</th></tr></thead><tbody>'
-        + (rows or '<tr><td colspan="5" class="note">none in the database</td></tr>')
+        '<th class="num">Recipients</th><th>Action</th><th>Queue id</th></tr></thead><tbody>'
+        + (rows or '<tr><td colspan="6" class="note">none in the database</td></tr>')
         + "</tbody></table></div></section>"
     )
 
