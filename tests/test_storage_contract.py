@@ -487,7 +487,7 @@ async def test_user_events_and_top_for_one_user(storage: Storage) -> None:
     assert [(s.sasl_username, s.counted) for s in everyone] == [("alice", 15), ("bob", 1)]
 
 
-async def test_migrate_creates_the_rules_tables_once(database: tuple[str, str]) -> None:
+async def test_migrate_creates_the_rules_and_alerts_tables_once(database: tuple[str, str]) -> None:
     url, table = database
     store = create_storage(url, table)
     await store.open()
@@ -499,9 +499,28 @@ async def test_migrate_creates_the_rules_tables_once(database: tuple[str, str]) 
                 ("overrides", "per-user limit overrides"),
                 ("lists", "allow and block entries"),
                 ("resets", "resets of users' counted recipients"),
+                ("alerts", "alerts told, one per incident"),
             )
         ]
         assert await store.pending_migrations() == []
         assert await store.migrate() == []
     finally:
         await store.close()
+
+
+async def test_an_alert_is_claimed_once_per_incident(storage: Storage) -> None:
+    hour = 3_600_000
+    at = ms(NOW)
+    claim = storage.claim_alert
+    assert await claim("alice", "1500/24h", 1, at_ms=at, window_ms=24 * hour, origin="relay-a")
+    # The same incident, seen by another relay a moment later: told already.
+    assert not await claim("alice", "1500/24h", 1, at_ms=at + 50, window_ms=24 * hour, origin="relay-b")
+    # Raised to REJECT: told once more, then not again; HOLD again within it: no.
+    assert await claim("alice", "1500/24h", 2, at_ms=at + 60, window_ms=24 * hour, origin="relay-b")
+    assert not await claim("alice", "1500/24h", 2, at_ms=at + 70, window_ms=24 * hour, origin="relay-a")
+    assert not await claim("alice", "1500/24h", 1, at_ms=at + 80, window_ms=24 * hour, origin="relay-a")
+    # Another limit, another user: their own incidents.
+    assert await claim("alice", "300/1h", 1, at_ms=at + 90, window_ms=hour, origin="relay-a")
+    assert await claim("bob", "1500/24h", 1, at_ms=at + 90, window_ms=24 * hour, origin="relay-a")
+    # A window later: a new incident.
+    assert await claim("alice", "1500/24h", 1, at_ms=at + 25 * hour, window_ms=24 * hour, origin="relay-a")
