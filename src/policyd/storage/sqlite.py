@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 import re
+import shlex
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -570,9 +571,12 @@ class SQLiteStorage(Storage):
             if batch < batch_rows:
                 return deleted
 
-    async def count_events(self) -> int:
-        sql = f"SELECT COUNT(*) FROM {self.table}"
-        row = await self._read(lambda c: c.execute(sql).fetchone(), "counting events")
+    async def count_events(self, before: datetime | None = None) -> int:
+        if before is None:
+            sql, params = f"SELECT COUNT(*) FROM {self.table}", ()
+        else:
+            sql, params = f"SELECT COUNT(*) FROM {self.table} WHERE ts < ?", (format_ts(before),)
+        row = await self._read(lambda c: c.execute(sql, params).fetchone(), "counting events")
         return int(row[0]) if row else 0
 
     async def _rules_fetch(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
@@ -590,3 +594,7 @@ class SQLiteStorage(Storage):
             )
 
         return await self._write(run, "changing rules")
+
+    def backup_command(self) -> str:
+        copy = shlex.quote(f"{self.path}.before-migrate")
+        return f"sqlite3 {shlex.quote(self.path)} \"VACUUM INTO '{copy}'\""
