@@ -167,6 +167,33 @@ async def test_without_strip_domain_the_whole_name_is_the_user(tmp_path: Path) -
         await client.close()
 
 
+async def test_the_daemon_says_once_when_user_at_domain_meets_its_short_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite://{tmp_path}/p.sqlite"
+    await add_events(url, "events", [event("jdoe", timedelta(hours=1)), event("bob", timedelta(hours=1))])
+    caplog.set_level(logging.INFO, "policyd")
+    async with run_daemon(make_settings(url)) as daemon:
+        client = await daemon.client()
+        for user in ("carol@univ.fr", "jdoe@univ.fr", "bob@univ.fr", "jdoe@univ.fr"):
+            assert await client.ask(sasl_username=user) == "DUNNO"
+        await client.close()
+    said = [
+        record.getMessage() for record in caplog.records if "is counted apart from" in record.getMessage()
+    ]
+    assert said == [
+        "jdoe@univ.fr is counted apart from jdoe, whose recipients are in the window (go-policyd cut "
+        "@domain off logins): set strip_domain = yes to count them as one, or strip_domain = no to keep "
+        "whole names and silence this"
+    ]
+    caplog.clear()
+    async with run_daemon(replace(make_settings(url), strip_domain=False)) as daemon:
+        client = await daemon.client()
+        assert await client.ask(sasl_username="bob@other.example") == "DUNNO"
+        await client.close()
+    assert not [record for record in caplog.records if "is counted apart from" in record.getMessage()]
+
+
 def test_strip_domain_and_auto_migrate_keys() -> None:
     assert settings_from_text("", "f").strip_domain is None  # not set: no, and the table is looked at
     assert settings_from_text("", "f").auto_migrate is True
@@ -256,7 +283,7 @@ def test_retention_shorter_than_the_window_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         settings_from_text("window = 30d\n", "f")
     assert caught.value.problems[0].startswith(
-        "f: retention (7d (the default)) is shorter than the window (30d)"
+        "f: retention (the default, 7d) is shorter than the window (30d)"
     )
     assert settings_from_text("window = 48h\nretention = 48h\n", "f").retention == timedelta(hours=48)
 

@@ -519,10 +519,10 @@ def settings_from_text(text: str, path: str) -> Settings:
     if retention < longest:
         # The daily purge would delete events the window still counts.
         where = f"{path}:{line_values['retention'][0]}" if "retention" in line_values else path
-        given = "" if "retention" in line_values else " (the default)"
+        given = "" if "retention" in line_values else "the default, "
         raise ConfigError(
             [
-                f"{where}: retention ({format_duration(retention)}{given}) is shorter than the "
+                f"{where}: retention ({given}{format_duration(retention)}) is shorter than the "
                 f"window ({format_duration(longest)}): the daily purge would delete events the "
                 f"quota still counts; set retention = {format_duration(longest)} or more"
             ]

@@ -28,7 +28,16 @@ from policyd.config import Settings
 from policyd.logs import log, printable
 from policyd.outage import Outage
 from policyd.protocol import PolicyRequest
-from policyd.quota import Message, Outcome, QuotaRules, Verdict, decide, outcome_of_action, precheck
+from policyd.quota import (
+    Message,
+    Outcome,
+    QuotaRules,
+    Verdict,
+    decide,
+    outcome_of_action,
+    precheck,
+    strip_login_domain,
+)
 from policyd.rules import RuntimeRules
 from policyd.stats import Stats
 from policyd.storage import Event
@@ -81,6 +90,7 @@ class Decider:
         # The database's allow / block entries and per-user overrides (sync.py keeps them).
         self.runtime = RuntimeRules()
         self._override_settings: dict[str, tuple[Settings, QuotaRules, Settings]] = {}
+        self._said_domain = False  # _tell_about_domains, once a run
         # Positions of the limits in window.spans (QuotaRules.limits order).
         self._span_index: tuple[int, ...] = ()
         self._index_spans(settings.rules)
@@ -242,6 +252,13 @@ class Decider:
             verdict = decide(rules, [total + recipients for total in self.totals(user, now_ms, rules)])
             if self.outage.active or not self.complete:
                 self.stats.decided_during_outage += 1
+        if (
+            settings.strip_domain is None
+            and not self._said_domain
+            and "@" in user
+            and user not in self.window
+        ):
+            self._tell_about_domains(user)
         self.window.add(user, now_ms, message.recipient_count, verdict.outcome, now_ms)
         self.stats.decisions[verdict.outcome.value, verdict.limit.label if verdict.limit else ""] += 1
         self.stats.events_counted += 1
@@ -259,6 +276,20 @@ class Decider:
         )
         # Waiting for the database makes sense only while it answers.
         self.writer.submit(event, functools.partial(answer, verdict), committed and not self.outage.active)
+
+    def _tell_about_domains(self, user: str) -> None:
+        """A new user@domain whose short name the window knows (go-policyd's rows): said
+        once a run, while strip_domain is not set."""
+        short = strip_login_domain(user)
+        if short != user and short in self.window:
+            self._said_domain = True
+            log.warning(
+                "%s is counted apart from %s, whose recipients are in the window (go-policyd cut "
+                "@domain off logins): set strip_domain = yes to count them as one, or "
+                "strip_domain = no to keep whole names and silence this",
+                printable(user),
+                printable(short),
+            )
 
     def _near_a_threshold(self, rules: QuotaRules, message: Message, now_ms: int) -> bool:
         """Whether this decision takes the strict path (see STRICT_FROM)."""

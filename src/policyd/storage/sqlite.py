@@ -596,5 +596,8 @@ class SQLiteStorage(Storage):
         return await self._write(run, "changing rules")
 
     def backup_command(self) -> str:
-        copy = shlex.quote(f"{self.path}.before-migrate")
-        return f"sqlite3 {shlex.quote(self.path)} \"VACUUM INTO '{copy}'\""
+        # VACUUM INTO: a consistent copy, even while a daemon writes to the file.
+        copy = f"{self.path}.before-migrate".replace("'", "''")
+        sql = f"VACUUM INTO '{copy}'"
+        quoted = f'"{sql}"' if shlex.quote(self.path) == self.path else shlex.quote(sql)
+        return f"sqlite3 {shlex.quote(self.path)} {quoted}"
