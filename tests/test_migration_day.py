@@ -275,10 +275,10 @@ def test_octal_defaultquota_is_warned_about_by_check_config(tmp_path: Path) -> N
 
 def test_retention_shorter_than_the_window_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
-        settings_from_text("window = 48h\n\nretention = 1d\n", "f")
+        settings_from_text("window = 36h\n\nretention = 1d\n", "f")
     assert caught.value.problems == [
-        "f:3: retention (24h) is shorter than the window (48h): the daily purge would delete events "
-        "the quota still counts; set retention = 48h or more"
+        "f:3: retention (24h) is shorter than the window (36h): the daily purge would delete events "
+        "the quota still counts; set retention = 36h or more"
     ]
     with pytest.raises(ConfigError) as caught:
         settings_from_text("window = 30d\n", "f")

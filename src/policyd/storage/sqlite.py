@@ -572,10 +572,10 @@ class SQLiteStorage(Storage):
                 return deleted
 
     async def count_events(self, before: datetime | None = None) -> int:
-        if before is None:
-            sql, params = f"SELECT COUNT(*) FROM {self.table}", ()
-        else:
-            sql, params = f"SELECT COUNT(*) FROM {self.table} WHERE ts < ?", (format_ts(before),)
+        sql = f"SELECT COUNT(*) FROM {self.table}"
+        params: tuple[str, ...] = ()
+        if before is not None:
+            sql, params = f"{sql} WHERE ts < ?", (format_ts(before),)
         row = await self._read(lambda c: c.execute(sql, params).fetchone(), "counting events")
         return int(row[0]) if row else 0
 
