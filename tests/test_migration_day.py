@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +26,8 @@ from policyd.cli import main
 from policyd.config import ConfigError, settings_from_text
 from policyd.quota import OfficeHours, Outcome
 from policyd.storage import Event, create_storage
-from tests.conftest import count_rows, execute_admin_sql, make_settings, run_daemon
+from tests.conftest import count_rows, execute_admin_sql, free_port, make_settings, run_daemon
+from tests.test_server import wait_for_port
 
 FORMATS_FILE = Path(__file__).resolve().parent / "fixtures" / "go-policyd-log-formats.txt"
 
@@ -266,6 +270,29 @@ def test_octal_defaultquota_is_warned_about_by_check_config(tmp_path: Path) -> N
         f"policyd: warning: {config}:3: defaultquota: 01500 is read as 1500; go-policyd read it as octal"
         in (result.stderr)
     )
+
+
+def test_serve_logs_the_octal_warning_once_at_start(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(
+        tmp_path, f"sqlite://{tmp_path}/p.sqlite", "events", f"port = {port}\ndefaultquota = 01500\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "policyd", "serve", "-c", str(config), "--foreground"],
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        wait_for_port(port, process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = process.stderr.read().decode() if process.stderr else ""
+    warned = [line for line in log.splitlines() if "go-policyd read it as octal (832)" in line]
+    assert len(warned) == 1 and f" WARNING: {config}:4: defaultquota: 01500 is read as 1500" in warned[0], log
 
 
 # ---------------------------------------------------------------------------
