@@ -346,7 +346,12 @@ def test_purge_inside_the_window_needs_force_and_dry_run_counts(
 # migrate --dry-run and auto_migrate
 # ---------------------------------------------------------------------------
 
-BACKUP_TOOLS = {"sqlite": "sqlite3 ", "mariadb": "mysqldump --single-transaction ", "postgresql": "pg_dump "}
+BACKUP_TOOLS = {
+    "sqlite": "sqlite3 ",
+    "mariadb": "mysqldump --single-transaction ",
+    "galera": "mysqldump --single-transaction ",
+    "postgresql": "pg_dump ",
+}
 
 
 def test_migrate_dry_run_tells_the_rows_and_how_to_back_up(
