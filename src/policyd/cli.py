@@ -693,9 +693,9 @@ def quota_show(config_path: str, user: str | None, as_json: bool) -> None:
 
 
 def _duration_text(span: timedelta) -> str:
-    from policyd.config import _format_duration
+    from policyd.config import format_duration
 
-    return _format_duration(span)
+    return format_duration(span)
 
 
 def _add_entry(
