@@ -482,7 +482,7 @@ def test_purge_older_than_overrides_retention(config: Path, db_path: Path, aged:
     result = run("purge", "-c", str(config), "--older-than", "20d")
     assert result.stdout == "deleted 1 events\n"
     assert count_events(db_path) == 3
-    result = run("purge", "-c", str(config), "--older-than", "30m")
+    result = run("purge", "-c", str(config), "--older-than", "30m", "--force")  # inside the window
     assert result.stdout == "deleted 3 events\n"
     assert count_events(db_path) == 0
 

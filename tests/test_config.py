@@ -535,6 +535,8 @@ def test_describe_shows_every_effective_value(tmp_path: Path) -> None:
         ("blacklist", "192.0.2.66"),
         ("whitelist_hours", "Mon-Fri 08:00-18:00; Sat 09:00-12:00"),
         ("retention", "30d"),
+        ("strip_domain", "no (default)"),
+        ("auto_migrate", "yes"),
         ("log_level", "debug"),
         ("syslog_socket", "/dev/log"),
         ("http_listen", "(off)"),

@@ -45,3 +45,18 @@ def test_example_config_matches_the_documented_defaults() -> None:
     settings = settings_from_text(text, "examples/policyd.cfg")
     assert (settings.bind, settings.port, settings.rules.quota) == ("127.0.0.1", 9093, 1500)
     assert settings.database == "sqlite://var/policyd.sqlite"
+
+
+def test_every_key_has_a_row_in_configuration_md() -> None:
+    rows = [
+        line
+        for line in (ROOT / "docs" / "configuration.md").read_text().splitlines()
+        if line.startswith("| `")
+    ]
+    first_cells = [row.split("|")[1] for row in rows]
+    assert [key for key in KEYS if not any(f"`{key}`" in cell for cell in first_cells)] == []
+
+
+def test_the_migration_checklist_is_linked_and_its_config_is_tested() -> None:
+    assert "docs/migrating-from-go-policyd.md" in (ROOT / "README.md").read_text()
+    assert any(name.startswith("migrating-from-go-policyd.md#") for name, _ in SNIPPETS)

@@ -224,6 +224,9 @@ async def test_migrate_upgrades_go_policyd_table_in_place(db: Database, variant:
         rows_before = await store.count_events()
         sums_before = {user: await store.recipients_since(user, NOW - DAY, COUNTED) for user in EXPECTED_SUMS}
         planned = await store.pending_migrations()
+        # Each step reads as what `migrate --dry-run` prints: "would <step>".
+        verbs = {"create", "convert", "set", "add", "change", "make", "drop"}
+        assert [step for step in planned if step.split()[0] not in verbs] == [], planned
         alters_before = com_alter_table(db)
 
         done = await store.migrate()

@@ -97,7 +97,7 @@ async def test_blacklisted_is_held_and_logged(sqlite_url: str, caplog: pytest.Lo
         assert await client.ask(client_address="192.0.2.66") == "HOLD blacklisted"
         assert await client.ask(client_address="192.0.2.67") == "DUNNO"
         await client.close()
-    assert "HOLD blacklisted user : alice/alice@example.org/192.0.2.66/1" in caplog.text
+    assert "Holding blacklisted user: alice/alice@example.org/192.0.2.66/1" in caplog.text
 
 
 async def test_go_policyd_log_lines(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -114,7 +114,7 @@ async def test_go_policyd_log_lines(sqlite_url: str, caplog: pytest.LogCaptureFi
         in caplog.text
     )
     assert (
-        "REJECTING overquota (21>20) for user alice using alice@example.org from ip [192.0.2.10]"
+        "REJECTING overquota (21>2x10) for user alice using alice@example.org from ip [192.0.2.10]"
         in caplog.text
     )
 

@@ -15,10 +15,20 @@ from typing import Any, TypeVar
 import click
 
 from policyd import __version__
-from policyd.config import DEFAULT_CONFIG_PATH, KEYS, ConfigError, Settings, load_settings, parse_duration
+from policyd.config import (
+    DEFAULT_CONFIG_PATH,
+    KEYS,
+    ConfigError,
+    Settings,
+    format_duration,
+    load_settings,
+    parse_duration,
+)
 from policyd.held import HeldMessage, PostfixError, held_messages, postsuper
-from policyd.logs import printable, setup_logging
+from policyd.logs import log, printable, setup_logging
+from policyd.quota import strip_login_domain
 from policyd.storage import SchemaMissing, SenderStats, Storage, StorageError, create_storage
+from policyd.storage.sqlite import SQLiteStorage
 
 T = TypeVar("T")
 
@@ -54,14 +64,14 @@ def config_option(function: Callable[..., Any]) -> Callable[..., Any]:
     )(function)
 
 
-def load_or_exit(config_path: str) -> Settings:
+def load_or_exit(config_path: str, echo_warnings: bool = True) -> Settings:
     try:
         settings = load_settings(config_path)
     except ConfigError as error:
         for problem in error.problems:
             click.echo(f"policyd: {problem}", err=True)
         sys.exit(2)
-    for warning in settings.warnings:
+    for warning in settings.warnings if echo_warnings else ():
         click.echo(f"policyd: warning: {warning}", err=True)
     try:
         create_storage(settings.database, settings.table)  # the URL, checked (nothing opened)
@@ -108,8 +118,10 @@ def serve(config_path: str, foreground: bool) -> None:
     """Run the policy daemon (until SIGTERM; SIGHUP reloads the configuration)."""
     from policyd.daemon import run_daemon
 
-    settings = load_or_exit(config_path)
+    settings = load_or_exit(config_path, echo_warnings=False)
     setup_logging(foreground, settings.log_level, settings.syslog_socket)
+    for warning in settings.warnings:  # in the log, where the admin looks after a start
+        log.warning("%s", warning)
     sys.exit(run_daemon(settings, config_path))
 
 
@@ -133,6 +145,7 @@ def check_config(config_path: str, connect: bool, as_user: str | None) -> None:
     width = max(len(key) for key, _ in settings.describe())
     for key, value in settings.describe():
         click.echo(f"{key:<{width}}  {value}")
+    _warn_about_short_names(settings)
     click.echo("configuration OK")
     if connect:
         from policyd.checks import check_database, check_spool
@@ -259,12 +272,31 @@ def top(config_path: str, user: str | None, limit: int, window: str, as_json: bo
 @click.option(
     "--older-than", default=None, help="Age of events to delete (default: retention from the config)."
 )
-def purge(config_path: str, older_than: str | None) -> None:
+@click.option("--dry-run", is_flag=True, help="Only count the events that would be deleted.")
+@click.option("--force", is_flag=True, help="Delete even events the quota still counts (inside the window).")
+def purge(config_path: str, older_than: str | None, dry_run: bool, force: bool) -> None:
     """Delete old events now (the daemon also does it every day)."""
+    from policyd.clock import utc_now
     from policyd.maintenance import purge_old_events
 
     settings = load_or_exit(config_path)
     retention = _duration_or_exit(older_than) if older_than else settings.retention
+    longest = max(limit.window for limit in settings.rules.limits)
+    inside = retention < longest and not force
+    problem = (
+        f"--older-than {older_than} is shorter than the window ({format_duration(longest)}): it would "
+        "delete events the quota still counts, letting users over quota send again"
+    )
+    if dry_run:
+        before = utc_now() - retention
+        count = with_storage(settings, lambda storage: storage.count_events(before))
+        click.echo(f"would delete {count} events older than {before:%Y-%m-%d %H:%M:%S} UTC")
+        if inside:
+            click.echo(f"policyd: {problem}; without --dry-run it needs --force", err=True)
+        return
+    if inside:
+        click.echo(f"policyd: {problem}; --dry-run counts them, --force deletes them anyway", err=True)
+        sys.exit(2)
     deleted = with_storage(settings, lambda storage: purge_old_events(storage, retention))
     click.echo(f"deleted {deleted} events")
 
@@ -275,15 +307,32 @@ def purge(config_path: str, older_than: str | None) -> None:
 def migrate(config_path: str, dry_run: bool) -> None:
     """Create or upgrade the events table in place (the daemon also does it at start)."""
     settings = load_or_exit(config_path)
+    _warn_about_short_names(settings)
 
-    async def run(storage: Storage) -> list[str]:
-        return await (storage.pending_migrations() if dry_run else storage.migrate())
+    async def run(storage: Storage) -> tuple[list[str], int | None]:
+        if not dry_run:
+            return await storage.migrate(), None
+        steps = await storage.pending_migrations()
+        try:
+            rows = await storage.count_events() if steps else None
+        except SchemaMissing:
+            rows = None  # no table yet: nothing to keep
+        return steps, rows
 
-    steps = with_storage(settings, run)
+    steps, rows = with_storage(settings, run)
     if not steps:
         click.echo("schema is up to date")
+    if rows is not None:
+        click.echo(f"table {settings.table}: {rows} rows, each kept (changed in place)")
     for step in steps:
         click.echo(f"{'would ' if dry_run else ''}{step}")
+    if rows:
+        storage = create_storage(settings.database, settings.table)
+        click.echo(f"back up the table first: {storage.backup_command()}")
+        click.echo(
+            "then stop what writes to it, and run `policyd migrate` (or start policyd with "
+            "auto_migrate = yes); on a big table the change takes a while and locks it"
+        )
 
 
 @main.command("hash-password")
@@ -313,6 +362,43 @@ def config_keys() -> None:
         click.echo(f"{key:<{width}}  {description}")
 
 
+def _warn_about_short_names(settings: Settings) -> None:
+    """go-policyd cut @domain off logins: a table of short names only, with strip_domain
+    not set, means users who log in as user@domain would be counted afresh."""
+    if settings.strip_domain is not None:
+        return  # the admin chose
+    from policyd.clock import utc_now
+
+    longest = max(limit.window for limit in settings.rules.limits)
+    storage = create_storage(settings.database, settings.table)
+    if isinstance(storage, SQLiteStorage) and not os.path.exists(storage.path):
+        return  # nothing recorded (and check-config does not create the file)
+
+    async def read() -> list[str]:
+        async with asyncio.timeout(10):
+            await storage.open()
+            try:
+                # The biggest senders of the window: enough to tell the names' form.
+                top = await storage.top_senders(utc_now() - longest, 1000)
+            finally:
+                await storage.close()
+        return [entry.sasl_username for entry in top]
+
+    try:
+        users = asyncio.run(read())
+    except (StorageError, TimeoutError, ValueError):
+        return  # no table, or the database is down: nothing to tell from it
+    if users and not any("@" in user for user in users):
+        click.echo(
+            f"policyd: warning: table {settings.table} holds only short user names in the last "
+            f"{format_duration(longest)} (like {printable(users[0])!r}), as go-policyd wrote them: it cut "
+            "@domain off logins. If users log in as user@domain, set strip_domain = yes, or they are "
+            "counted afresh and list entries without @domain stop matching them; if they log in "
+            "without a domain, set strip_domain = no to say so",
+            err=True,
+        )
+
+
 def _duration_or_exit(text: str) -> timedelta:
     try:
         return parse_duration(text)
@@ -336,7 +422,7 @@ def _held_of(settings: Settings, user: str, postfix_config: str | None) -> list[
     and confirmed by postqueue."""
     from policyd.clock import utc_now
 
-    user = user.lower()
+    user = _user_name(user, settings)
     recorded = with_storage(settings, lambda storage: storage.queue_ids(user, utc_now() - settings.retention))
     try:
         return held_messages(recorded, postfix_config)
@@ -464,11 +550,14 @@ def _ms_iso(milliseconds: int | None) -> str | None:
     return None if milliseconds is None else from_ms(milliseconds).isoformat()
 
 
-def _user_name(text: str) -> str:
-    """SASL names are compared in lower case (quota.Message)."""
+def _user_name(text: str, settings: Settings | None = None) -> str:
+    """A SASL name as the daemon counts it: in lower case (quota.Message), and without
+    its @domain when strip_domain is set."""
     name = text.strip().lower()
     if not name:
         raise click.BadParameter("a user name is needed")
+    if settings is not None and settings.strip_domain:
+        name = strip_login_domain(name)
     return name
 
 
@@ -522,7 +611,7 @@ def quota_set(
     from policyd.rules import Override
 
     settings = load_or_exit(config_path)
-    name = _user_name(user)
+    name = _user_name(user, settings)
     span = _limit_window(settings, window)
     reject_from = reject if reject is not None else min(2 * hold, 2**31 - 1)
     if reject_from < hold:
@@ -546,7 +635,7 @@ def quota_unset(config_path: str, user: str, window: str | None) -> None:
     from policyd.clock import MILLISECOND
 
     settings = load_or_exit(config_path)
-    name = _user_name(user)
+    name = _user_name(user, settings)
     window_ms = None if window is None else _limit_window(settings, window) // MILLISECOND
     removed = with_storage(settings, lambda storage: storage.remove_overrides(name, window_ms))
     click.echo(f"removed {removed} overrides of {printable(name)}")
@@ -565,7 +654,7 @@ def quota_show(config_path: str, user: str | None, as_json: bool) -> None:
     from policyd.rules import apply_overrides
 
     settings = load_or_exit(config_path)
-    name = _user_name(user) if user is not None else None
+    name = _user_name(user, settings) if user is not None else None
     stored = with_storage(settings, lambda storage: storage.load_rules(2**62))
     now_ms = to_ms(utc_now())
     overrides = [item for item in stored.overrides if name is None or item.sasl_username == name]
@@ -608,9 +697,9 @@ def quota_show(config_path: str, user: str | None, as_json: bool) -> None:
 
 
 def _duration_text(span: timedelta) -> str:
-    from policyd.config import _format_duration
+    from policyd.config import format_duration
 
-    return _format_duration(span)
+    return format_duration(span)
 
 
 def _add_entry(
@@ -707,7 +796,7 @@ def unlist(config_path: str, target: str, user: str | None) -> None:
         normal = parse_target(target).text
     except EntryError as error:
         raise click.BadParameter(str(error)) from None
-    name = None if user is None else _user_name(user)
+    name = None if user is None else _user_name(user, settings)
     removed = with_storage(settings, lambda storage: storage.remove_list_entries(normal, name))
     click.echo(f"removed {removed} entries for {printable(normal)}")
     config_has = normal in settings.rules.whitelist or normal in settings.rules.blacklist
@@ -838,7 +927,7 @@ def reset(config_path: str, user: str, reason: str) -> None:
     from policyd.rules import Reset
 
     settings = load_or_exit(config_path)
-    name = _user_name(user)
+    name = _user_name(user, settings)
     now_ms = to_ms(utc_now())
     with_storage(settings, lambda storage: storage.add_reset(Reset(0, name, now_ms, reason, now_ms)))
     click.echo(f"reset {printable(name)}: recipients before {_ms_text(now_ms)} are no longer counted")
@@ -858,7 +947,7 @@ def user_command(config_path: str, user: str, recent: int, as_json: bool) -> Non
     from policyd.userview import user_view, window_of
 
     settings = load_or_exit(config_path)
-    name = _user_name(user)
+    name = _user_name(user, settings)
     now = utc_now()
     now_ms = to_ms(now)
     longest = window_of(settings.rules)

@@ -72,6 +72,11 @@ class Settings:
     retention: timedelta = timedelta(days=7)
     log_level: str = "info"
     syslog_socket: str = "/dev/log"
+    # go-policyd cut "@domain" off SASL names (jdoe@univ.fr counted as jdoe).  None: not
+    # set in the file, which means no (and check-config / migrate look at the table).
+    strip_domain: bool | None = None
+    # Bring the table's schema up to date at start (no: say what is needed, and wait).
+    auto_migrate: bool = True
     # The HTTP listener (web/): off unless set; loopback only unless widened.
     http_listen: tuple[str, int] | None = None
     http_allowed_clients: tuple[IPNetwork, ...] = DEFAULT_ALLOWED_CLIENTS
@@ -95,8 +100,8 @@ class Settings:
             ("socket_mode", f"{self.socket_mode:04o}"),
             ("database", mask_url(self.database)),
             ("policy_table", self.table),
-            ("db_timeout", _format_duration(timedelta(seconds=self.db_timeout))),
-            ("db_retry", _format_duration(timedelta(seconds=self.db_retry))),
+            ("db_timeout", format_duration(timedelta(seconds=self.db_timeout))),
+            ("db_retry", format_duration(timedelta(seconds=self.db_retry))),
             ("db_error_action", self.db_error_action),
             ("spool", self.spool),
             ("spool_max_size", _format_size(self.spool_max_size)),
@@ -104,14 +109,16 @@ class Settings:
             ("max_connections", str(self.max_connections)),
             ("defaultquota", str(rules.quota)),
             ("rejectquota", str(rules.reject_quota)),
-            ("window", _format_duration(rules.window)),
+            ("window", format_duration(rules.window)),
             ("limit", "; ".join(format_limit(limit) for limit in rules.extra_limits) or "(none)"),
             ("count_rejected", "yes" if rules.count_rejected else "no"),
             ("unauthenticated_action", rules.unauthenticated_action),
             ("whitelist", ", ".join(sorted(rules.whitelist)) or "(empty)"),
             ("blacklist", ", ".join(sorted(rules.blacklist)) or "(empty)"),
             ("whitelist_hours", rules.whitelist_hours.spec),
-            ("retention", _format_duration(self.retention)),
+            ("retention", format_duration(self.retention)),
+            ("strip_domain", {True: "yes", False: "no", None: "no (default)"}[self.strip_domain]),
+            ("auto_migrate", "yes" if self.auto_migrate else "no"),
             ("log_level", self.log_level),
             ("syslog_socket", self.syslog_socket),
             ("http_listen", _format_address(self.http_listen) if self.http_listen else "(off)"),
@@ -326,7 +333,7 @@ def parse_limit(text: str) -> Limit:
 
 
 def format_limit(limit: Limit) -> str:
-    return f"{limit.hold}/{_format_duration(limit.window)} reject {limit.reject}"
+    return f"{limit.hold}/{format_duration(limit.window)} reject {limit.reject}"
 
 
 # key -> (parser, what it is).  The order is the order of `policyd check-config --keys`.
@@ -385,7 +392,15 @@ KEYS: dict[str, tuple[Any, str]] = {
         f"when whitelisted senders are not counted (default {DEFAULT_OFFICE_HOURS})",
     ),
     "unauthenticated_action": (parse_action, "answer for mail without sasl_username (default DUNNO)"),
-    "log_level": (parse_log_level, "debug, info, warning or error (default info)"),
+    "strip_domain": (
+        parse_bool,
+        "count jdoe@univ.fr as jdoe, as go-policyd did (default no: the whole name)",
+    ),
+    "auto_migrate": (
+        parse_bool,
+        "create or upgrade the table at start (default yes; no: say what is needed and wait)",
+    ),
+    "log_level": (parse_log_level, "debug, info, warning or error (default info; debug: every decision)"),
     "syslog_socket": (parse_text, "the local syslog daemon's socket (default /dev/log)"),
     "http_listen": (
         parse_listen,
@@ -453,6 +468,8 @@ def parse_lines(
         except ValueError as error:
             problems.append(f"{where}: {key}: {error}")
             continue
+        if key == "defaultquota" and value.startswith("0"):
+            warnings.append(f"{where}: {key}: {_go_octal(value)}")
         if key in REPEATABLE:
             lists[key].append(parsed)
         elif key in values:
@@ -460,6 +477,20 @@ def parse_lines(
         else:
             values[key] = (number, parsed)
     return values, lists, problems, warnings
+
+
+def _go_octal(text: str) -> str:
+    """What go-policyd made of a number with a leading zero (Go's strconv.ParseInt base 0)."""
+    decimal = int(text, 10)
+    if re.fullmatch(r"0[0-7]*", text):
+        return (
+            f"{text} is read as {decimal}; go-policyd read it as octal ({int(text, 8)}): "
+            f"write {decimal} (or {int(text, 8)} to keep go-policyd's quota)"
+        )
+    return (
+        f"{text} is read as {decimal}; go-policyd could not read it (not octal) and used 0, "
+        f"rejecting every message: write {decimal}"
+    )
 
 
 def _suggestion(key: str) -> str:
@@ -509,7 +540,7 @@ def settings_from_text(text: str, path: str) -> Settings:
         if limit.window in windows:
             problems.append(
                 f"{path}: limit {format_limit(limit)}: another limit has the window "
-                f"{_format_duration(limit.window)} already ({windows[limit.window]})"
+                f"{format_duration(limit.window)} already ({windows[limit.window]})"
             )
         windows[limit.window] = f"limit {format_limit(limit)}"
     for name in sorted(lists["whitelist"]):
@@ -537,6 +568,19 @@ def settings_from_text(text: str, path: str) -> Settings:
         whitelist_hours=values.get("whitelist_hours", defaults.rules.whitelist_hours),
         extra_limits=tuple(lists["limit"]),
     )
+    retention = values.get("retention", defaults.retention)
+    longest = max(limit.window for limit in rules.limits)
+    if retention < longest:
+        # The daily purge would delete events the window still counts.
+        where = f"{path}:{line_values['retention'][0]}" if "retention" in line_values else path
+        given = "" if "retention" in line_values else "the default, "
+        raise ConfigError(
+            [
+                f"{where}: retention ({given}{format_duration(retention)}) is shorter than the "
+                f"window ({format_duration(longest)}): the daily purge would delete events the "
+                f"quota still counts; set retention = {format_duration(longest)} or more"
+            ]
+        )
     return replace(
         defaults,
         path=path,
@@ -553,7 +597,9 @@ def settings_from_text(text: str, path: str) -> Settings:
         spool_max_size=values.get("spool_max_size", defaults.spool_max_size),
         allowed_clients=values.get("allowed_clients", defaults.allowed_clients),
         max_connections=values.get("max_connections", defaults.max_connections),
-        retention=values.get("retention", defaults.retention),
+        retention=retention,
+        strip_domain=values.get("strip_domain", defaults.strip_domain),
+        auto_migrate=values.get("auto_migrate", defaults.auto_migrate),
         log_level=values.get("log_level", defaults.log_level),
         syslog_socket=values.get("syslog_socket", defaults.syslog_socket),
         http_listen=values.get("http_listen"),
@@ -616,7 +662,8 @@ def _format_size(size: int) -> str:
     return str(size)
 
 
-def _format_duration(value: timedelta) -> str:
+def format_duration(value: timedelta) -> str:
+    """A duration as the file would give it: 24h, 7d, 90s."""
     seconds = value.total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         # "24h" reads better than "1d" for the window; days from two on.

@@ -217,8 +217,7 @@ class Daemon:
         while True:
             try:
                 await storage.open()
-                for step in await storage.migrate():
-                    log.info("schema: %s", step)
+                await self._bring_schema_up_to_date(storage)
             except StorageError as error:
                 failures += 1
                 now = time.monotonic()
@@ -248,6 +247,25 @@ class Daemon:
             opened.set()
             first_attempt.set()
             return
+
+    async def _bring_schema_up_to_date(self, storage: Storage) -> None:
+        """Migrate (auto_migrate = yes), or say what is needed and how, as a permanent error:
+        the daemon then runs as while the database is down (from memory, spooling) and
+        looks again every db_retry until someone has run `policyd migrate`."""
+        if self.settings.auto_migrate:
+            for step in await storage.migrate():
+                log.info("schema: %s", step)
+            return
+        pending = await storage.pending_migrations()
+        if pending:
+            raise StorageError(
+                f"{storage.description}: the schema needs changes: {'; '.join(pending)}",
+                hint=(
+                    "auto_migrate = no: back up the table, then run `policyd migrate` "
+                    "(`policyd migrate --dry-run` shows the steps and the rows); policyd carries on "
+                    "by itself once it is done"
+                ),
+            )
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -18,16 +18,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from policyd import logs
 from policyd.clock import MILLISECOND, from_ms, to_ms, utc_now
 from policyd.config import Settings
-from policyd.logs import log
+from policyd.logs import log, printable
 from policyd.outage import Outage
 from policyd.protocol import PolicyRequest
-from policyd.quota import Limit, Message, Outcome, QuotaRules, Verdict, decide, outcome_of_action, precheck
+from policyd.quota import (
+    Limit,
+    Message,
+    Outcome,
+    QuotaRules,
+    Verdict,
+    decide,
+    outcome_of_action,
+    precheck,
+    strip_login_domain,
+)
 from policyd.rules import RuntimeRules
 from policyd.stats import Stats
 from policyd.storage import Event
@@ -82,6 +93,7 @@ class Decider:
         # The database's allow / block entries and per-user overrides (sync.py keeps them).
         self.runtime = RuntimeRules()
         self._override_settings: dict[str, tuple[Settings, QuotaRules, Settings]] = {}
+        self._said_domain = False  # _tell_about_domains, once a run
         # Positions of the limits in window.spans (QuotaRules.limits order).
         self._span_index: tuple[int, ...] = ()
         self._index_spans(settings.rules)
@@ -119,8 +131,8 @@ class Decider:
 
         Raises RequestValueError on a request Postfix would not send.
         """
-        message = Message.from_request(request)
         settings = self.settings  # one consistent snapshot, even if a reload happens meanwhile
+        message = Message.from_request(request, settings.strip_domain is True)
         rules = settings.rules
         now = self.clock()
         self.stats.requests[message.protocol_state or "(none)"] += 1
@@ -144,15 +156,17 @@ class Decider:
                     message.recipient_count,
                 )
             elif verdict.reason in {"blacklisted", "whitelisted"}:
+                # go-policyd v0.77's lines, word for word (tests/fixtures/go-policyd-log-formats.txt).
                 log.info(
-                    "%s %s user : %s/%s/%s/%d",
-                    verdict.outcome.value,
-                    "Whitelisted" if verdict.reason == "whitelisted" else "blacklisted",
+                    "%s user: %s/%s/%s/%d",
+                    "skipping whitelisted" if verdict.reason == "whitelisted" else "Holding blacklisted",
                     message.sasl_username,
                     message.sender,
                     message.client_address,
                     message.recipient_count,
                 )
+            if log.isEnabledFor(logging.DEBUG):
+                _log_decision(message, verdict, rules)
             answer(verdict)
             return
         if runtime.overrides:
@@ -241,12 +255,21 @@ class Decider:
             verdict = decide(rules, [total + recipients for total in self.totals(user, now_ms, rules)])
             if self.outage.active or not self.complete:
                 self.stats.decided_during_outage += 1
+        if (
+            settings.strip_domain is None
+            and not self._said_domain
+            and "@" in user
+            and user not in self.window
+        ):
+            self._tell_about_domains(user)
         self.window.add(user, now_ms, message.recipient_count, verdict.outcome, now_ms)
         if self.alerts is not None and verdict.totals:
             self.alerts(user, rules.limits, verdict.totals, now_ms)  # a look-up; no I/O
         self.stats.decisions[verdict.outcome.value, verdict.limit.label if verdict.limit else ""] += 1
         self.stats.events_counted += 1
         self._log_counted(message, verdict, rules)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_decision(message, verdict, rules)
         event = Event(
             from_ms(now_ms),
             user,
@@ -258,6 +281,20 @@ class Decider:
         )
         # Waiting for the database makes sense only while it answers.
         self.writer.submit(event, functools.partial(answer, verdict), committed and not self.outage.active)
+
+    def _tell_about_domains(self, user: str) -> None:
+        """A new user@domain whose short name the window knows (go-policyd's rows): said
+        once a run, while strip_domain is not set."""
+        short = strip_login_domain(user)
+        if short != user and short in self.window:
+            self._said_domain = True
+            log.warning(
+                "%s is counted apart from %s, whose recipients are in the window (go-policyd cut "
+                "@domain off logins): set strip_domain = yes to count them as one, or "
+                "strip_domain = no to keep whole names and silence this",
+                printable(user),
+                printable(short),
+            )
 
     def _near_a_threshold(self, rules: QuotaRules, message: Message, now_ms: int) -> bool:
         """Whether this decision takes the strict path (see STRICT_FROM)."""
@@ -282,7 +319,8 @@ class Decider:
 
     @staticmethod
     def _log_counted(message: Message, verdict: Verdict, rules: QuotaRules) -> None:
-        # go-policyd's lines, word for word, so existing grep and monit rules keep working.
+        # go-policyd v0.77's lines, word for word, so existing grep and monit rules keep
+        # working (its format strings: tests/fixtures/go-policyd-log-formats.txt).
         logs.info(
             f"Updating db: {message.sasl_username}/{message.sender}/{message.client_address}/"
             f"{message.recipient_count}/{verdict.total}"
@@ -301,12 +339,40 @@ class Decider:
                 named,
             )
         elif verdict.outcome is Outcome.REJECT and limit is not None:
+            # go-policyd rejected from twice its quota and says so ("3000>2x1500"); a
+            # rejectquota of policyd's own that is not twice the quota is shown as it is.
+            threshold = f"2x{limit.hold}" if limit.reject == 2 * limit.hold else str(limit.reject)
             log.info(
-                "REJECTING overquota (%d>%d) for user %s using %s from ip [%s]%s",
+                "REJECTING overquota (%d>%s) for user %s using %s from ip [%s]%s",
                 verdict.total,
-                limit.reject,
+                threshold,
                 message.sasl_username,
                 message.sender,
                 message.client_address,
                 named,
             )
+
+
+def _quoted(text: str) -> str:
+    """A value for the debug line: in quotes, its quotes and backslashes escaped and its
+    control characters as \\xNN, so that no value can pass for another field."""
+    return '"' + printable(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+def _log_decision(message: Message, verdict: Verdict, rules: QuotaRules) -> None:
+    """log_level = debug: every decision with what it was made from."""
+    totals = ", ".join(
+        f"{total} of {limit.label}" for limit, total in zip(rules.limits, verdict.totals, strict=False)
+    )
+    log.debug(
+        "decision: %s (%s) for user=%s sender=%s client=%s recipients=%d stage=%s queue_id=%s%s",
+        _quoted(verdict.action),
+        verdict.reason,
+        _quoted(message.sasl_username),
+        _quoted(message.sender),
+        _quoted(message.client_address),
+        message.recipient_count,
+        _quoted(message.protocol_state),
+        message.queue_id or "-",
+        f" totals: {totals}" if totals else "",
+    )

@@ -50,14 +50,17 @@ class Message:
     queue_id: str = ""
 
     @classmethod
-    def from_request(cls, request: PolicyRequest) -> Message:
+    def from_request(cls, request: PolicyRequest, strip_domain: bool = False) -> Message:
         raw_count = request.get("recipient_count", "0") or "0"
         if not raw_count.isascii() or not raw_count.isdigit() or len(raw_count) > 9:
             raise RequestValueError(f"recipient_count is not a number: {raw_count[:40]!r}")
+        # SASL back-ends compare names case-insensitively; counting "Bob" and "bob"
+        # apart would let a phished account dodge its quota by changing case.
+        username = request.get("sasl_username").lower()
+        if strip_domain and "@" in username:
+            username = strip_login_domain(username)
         return cls(
-            # SASL back-ends compare names case-insensitively; counting "Bob" and "bob"
-            # apart would let a phished account dodge its quota by changing case.
-            sasl_username=request.get("sasl_username").lower(),
+            sasl_username=username,
             sender=request.get("sender"),
             client_address=request.get("client_address"),
             recipient_count=int(raw_count),
@@ -66,6 +69,13 @@ class Message:
             if (queue_id := request.get("queue_id")).isalnum() and queue_id.isascii() and len(queue_id) <= 64
             else "",
         )
+
+
+def strip_login_domain(username: str) -> str:
+    """go-policyd's cut: "jdoe@univ.fr" counted as "jdoe" (at the first "@").  A name
+    that is nothing but "@domain" is kept whole: cut, it would read as unauthenticated."""
+    local = username.split("@", 1)[0]
+    return local or username
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from typing import cast
 from policyd.config import Settings
 from policyd.decider import Decider
 from policyd.logs import log
+from policyd.placement import PlacementWarnings
 from policyd.protocol import ProtocolError, RequestParser, format_reply
 from policyd.quota import RequestValueError, Verdict
 from policyd.stats import Stats
@@ -112,7 +113,9 @@ class Connection(asyncio.Protocol):
             return
         decider = self.server.decider
         arrived = time.monotonic() if requests else 0.0  # one clock read for what arrived together
+        placement = self.server.placement
         for request in requests:
+            placement.check(request, self.peer)
             reply = _Reply(self, arrived)
             self.replies.append(reply)
             try:
@@ -251,6 +254,7 @@ class PolicyServer:
         self.settings = settings
         self.decider = decider
         self.stats = stats
+        self.placement = PlacementWarnings()  # requests that tell the check is misplaced
         self.listeners: list[asyncio.Server] = []
         self.connections: set[Connection] = set()
         self.requests = 0

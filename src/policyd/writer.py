@@ -447,8 +447,8 @@ class EventWriter:
             await self._reopen(error, events)
         except SchemaMissing as error:
             now = time.monotonic()
-            if now < self._migrated_at + MIGRATE_AGAIN_SECONDS:
-                raise
+            if not self.settings.auto_migrate or now < self._migrated_at + MIGRATE_AGAIN_SECONDS:
+                raise  # auto_migrate = no: the admin creates it (`policyd migrate`)
             self._migrated_at = now
             log.error("%s; creating the table again (was it dropped, or the database re-created?)", error)
             for step in await self.storage.migrate():

@@ -389,7 +389,7 @@ def test_every_recipient_of_a_message_counts(
     daemon.wait_log(r"Updating db: carol/carol@example\.org/127\.0\.0\.1/9/9\n")
     daemon.wait_log(r"DEFERRING overquota \(10>10\) for user carol ")
     daemon.wait_log(r"DEFERRING overquota \(12>10\) for user dave ")
-    daemon.wait_log(r"REJECTING overquota \(25>20\) for user erin ")
+    daemon.wait_log(r"REJECTING overquota \(25>2x10\) for user erin ")
     assert_clean_policyd_log(daemon)
 
 
@@ -465,7 +465,7 @@ def test_released_held_mail_is_delivered_and_still_counts(
         ("alice", 7, "REJECT"),
         ("alice", 1, "HOLD"),
     ]
-    daemon.wait_log(r"REJECTING overquota \(20>20\) for user alice ")
+    daemon.wait_log(r"REJECTING overquota \(20>2x10\) for user alice ")
     daemon.wait_log(r"DEFERRING overquota \(14>10\) for user alice ")
     assert_clean_policyd_log(daemon)
 

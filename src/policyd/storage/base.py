@@ -309,8 +309,13 @@ class Storage(abc.ABC):
         """Delete events older than `before`, in batches; returns the number deleted."""
 
     @abc.abstractmethod
-    async def count_events(self) -> int:
-        """Number of rows in the table (for tests, status and the CLI)."""
+    async def count_events(self, before: datetime | None = None) -> int:
+        """Number of rows in the table (for tests, status and the CLI); with `before`,
+        those purge(before) would delete."""
+
+    def backup_command(self) -> str:
+        """A shell command that copies the table aside (`policyd migrate --dry-run` shows it)."""
+        return f"back up table {self.table} with your database's own tool"
 
     # -- the rules tables (described once in schema.py) ------------------------------
 

@@ -136,6 +136,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import shlex
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -624,6 +625,18 @@ class MySQLStorage(Storage):
         socket = f"?unix_socket={self.unix_socket}" if self.unix_socket else ""
         user = f"{self.user}@" if self.user else ""
         return f"{self.scheme}://{user}{where}/{self.database}{socket} table {self.table}"
+
+    def backup_command(self) -> str:
+        where = (
+            [f"--socket={shlex.quote(self.unix_socket)}"]
+            if self.unix_socket
+            else [f"-h {shlex.quote(self.host)}", f"-P {self.port}"]
+        )
+        where += [f"-u {shlex.quote(self.user)} -p"] if self.user else []
+        return (
+            f"mysqldump --single-transaction {' '.join(where)} {shlex.quote(self.database)} "
+            f"{shlex.quote(self.table)} > {shlex.quote(self.table + '-before-migrate.sql')}"
+        )
 
     @property
     def _where(self) -> str:
@@ -1159,7 +1172,7 @@ class MySQLStorage(Storage):
                 clauses.append("DROP PRIMARY KEY")
             clauses.append(f"ADD PRIMARY KEY ({', '.join(map(_q, _PRIMARY_KEY))})")
             old = f" in place of ({', '.join(primary[1])})" if primary is not None else ""
-            descriptions.append(f"primary key of {table}: ({', '.join(_PRIMARY_KEY)}){old}")
+            descriptions.append(f"make ({', '.join(_PRIMARY_KEY)}) the primary key of {table}{old}")
         for name, (_, names, prefixed) in indexes.items():
             if name not in _INDEXES and not prefixed and _TEXT_COLUMNS.intersection(names):
                 # An index of the admin's on a column that becomes TEXT: MySQL cannot keep it.
@@ -1183,10 +1196,14 @@ class MySQLStorage(Storage):
             descriptions.append(f"convert {table} from {engine or '?'} to InnoDB")
         if row_format.lower() not in _GOOD_ROW_FORMATS:
             clauses.append("ROW_FORMAT=DYNAMIC")
-            descriptions.append(f"row format of {table}: {row_format or '?'} -> Dynamic (long index keys)")
+            descriptions.append(
+                f"change the row format of {table}: {row_format or '?'} -> Dynamic (long index keys)"
+            )
         if collation.lower() != _TABLE_COLLATION:
             clauses.append(f"DEFAULT CHARACTER SET utf8mb4 COLLATE {_TABLE_COLLATION}")
-            descriptions.append(f"default character set of {table}: {collation or '?'} -> {_TABLE_COLLATION}")
+            descriptions.append(
+                f"change the default character set of {table}: {collation or '?'} -> {_TABLE_COLLATION}"
+            )
 
         if clauses:
             steps.append(_Step(descriptions, f"ALTER TABLE {_q(table)}\n  " + ",\n  ".join(clauses)))
@@ -1704,10 +1721,17 @@ class MySQLStorage(Storage):
 
         await self._run("writing a test row (rolled back)", run, retry_safe=True)
 
-    async def count_events(self) -> int:
+    async def count_events(self, before: datetime | None = None) -> int:
         async def run(conn: Any) -> int:
             async with conn.cursor() as cursor:
-                await cursor.execute(f"SELECT COUNT(*) FROM {_q(self.table)}")
+                if before is None:
+                    await cursor.execute(f"SELECT COUNT(*) FROM {_q(self.table)}")
+                else:
+                    layout = await self._layout_of(conn)  # the same bound as purge()
+                    await cursor.execute(
+                        f"SELECT COUNT(*) FROM {_q(self.table)} WHERE ts < {self._since_sql(layout)}",
+                        (format_ts(before),),
+                    )
                 row = await cursor.fetchone()
             return _int(row[0]) if row else 0
 

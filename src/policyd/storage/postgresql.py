@@ -76,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -314,6 +315,14 @@ class PostgreSQLStorage(Storage):
         if ":" in host:
             host = f"[{host}]"
         return f"postgresql://{user}{host}:{self.port}/{self.database} table {self.relname}"
+
+    def backup_command(self) -> str:
+        where = [f"-h {shlex.quote(self.host)}"] if self.host else []
+        where += [f"-p {self.port}"] + ([f"-U {shlex.quote(self.user)}"] if self.user else [])
+        return (
+            f"pg_dump {' '.join(where)} -t {shlex.quote(self.relname)} {shlex.quote(self.database)} "
+            f"> {shlex.quote(self.relname + '-before-migrate.sql')}"
+        )
 
     def _error(self, what: str, error: BaseException, *, connecting: bool = False) -> StorageError:
         if isinstance(error, TimeoutError):
@@ -904,9 +913,12 @@ class PostgreSQLStorage(Storage):
 
         await self._run("writing a test row (rolled back)", probe)
 
-    async def count_events(self) -> int:
+    async def count_events(self, before: datetime | None = None) -> int:
         async def count(connection: Any) -> int:
-            return int(await connection.fetchval(f"SELECT COUNT(*) FROM {self._t}"))
+            if before is None:
+                return int(await connection.fetchval(f"SELECT COUNT(*) FROM {self._t}"))
+            sql = f"SELECT COUNT(*) FROM {self._t} WHERE ts < $1::timestamptz"
+            return int(await connection.fetchval(sql, _ms(before)))
 
         return await self._run("counting events", count)
 

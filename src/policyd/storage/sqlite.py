@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 import re
+import shlex
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -570,9 +571,12 @@ class SQLiteStorage(Storage):
             if batch < batch_rows:
                 return deleted
 
-    async def count_events(self) -> int:
+    async def count_events(self, before: datetime | None = None) -> int:
         sql = f"SELECT COUNT(*) FROM {self.table}"
-        row = await self._read(lambda c: c.execute(sql).fetchone(), "counting events")
+        params: tuple[str, ...] = ()
+        if before is not None:
+            sql, params = f"{sql} WHERE ts < ?", (format_ts(before),)
+        row = await self._read(lambda c: c.execute(sql, params).fetchone(), "counting events")
         return int(row[0]) if row else 0
 
     async def _rules_fetch(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
@@ -590,3 +594,10 @@ class SQLiteStorage(Storage):
             )
 
         return await self._write(run, "changing rules")
+
+    def backup_command(self) -> str:
+        # VACUUM INTO: a consistent copy, even while a daemon writes to the file.
+        copy = f"{self.path}.before-migrate".replace("'", "''")
+        sql = f"VACUUM INTO '{copy}'"
+        quoted = f'"{sql}"' if shlex.quote(self.path) == self.path else shlex.quote(sql)
+        return f"sqlite3 {shlex.quote(self.path)} {quoted}"
