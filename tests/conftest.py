@@ -23,7 +23,7 @@ from policyd.clock import utc_now
 from policyd.config import Settings
 from policyd.daemon import Daemon
 from policyd.quota import QuotaRules
-from policyd.storage import Storage, create_storage
+from policyd.storage import Event, Storage, create_storage
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 BACKENDS = ("sqlite", "mariadb", "postgresql", "galera")
@@ -135,6 +135,17 @@ def fill_disk(disk: Path) -> Path:
 
 def remount_read_only(mount: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+
+
+async def add_events(url: str, table: str, events: list[Event]) -> None:
+    """`events` written into the table (made first if needed), through a storage of its own."""
+    storage = create_storage(url, table)
+    await storage.open()
+    try:
+        await storage.migrate()
+        await storage.add_events(events)
+    finally:
+        await storage.close()
 
 
 async def count_rows(url: str, table: str = "events") -> int:

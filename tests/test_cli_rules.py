@@ -11,7 +11,8 @@ from click.testing import CliRunner, Result
 
 from policyd.cli import main
 from policyd.quota import Outcome
-from policyd.storage import Event, create_storage
+from policyd.storage import Event
+from tests.conftest import add_events
 
 
 def run(config: Path, *arguments: str) -> Result:
@@ -23,16 +24,6 @@ def make_config(tmp_path: Path, url: str, table: str, extra: str = "") -> Path:
     config.write_text(f"database = {url}\npolicy_table = {table}\ndefaultquota = 100\nlimit = 20/1h\n{extra}")
     config.chmod(0o600)
     return config
-
-
-async def add(url: str, table: str, events: list[Event]) -> None:
-    storage = create_storage(url, table)
-    await storage.open()
-    try:
-        await storage.migrate()
-        await storage.add_events(events)
-    finally:
-        await storage.close()
 
 
 def test_quota_set_show_unset(database: tuple[str, str], tmp_path: Path) -> None:
@@ -124,7 +115,7 @@ def test_reset_user_and_top(database: tuple[str, str], tmp_path: Path) -> None:
     config = make_config(tmp_path, url, table)
     now = datetime.now(UTC)
     asyncio.run(
-        add(
+        add_events(
             url,
             table,
             [

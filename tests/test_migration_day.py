@@ -26,7 +26,7 @@ from policyd.cli import main
 from policyd.config import ConfigError, settings_from_text
 from policyd.quota import OfficeHours, Outcome
 from policyd.storage import Event, create_storage
-from tests.conftest import count_rows, execute_admin_sql, free_port, make_settings, run_daemon
+from tests.conftest import add_events, count_rows, execute_admin_sql, free_port, make_settings, run_daemon
 from tests.test_server import wait_for_port
 
 FORMATS_FILE = Path(__file__).resolve().parent / "fixtures" / "go-policyd-log-formats.txt"
@@ -56,16 +56,6 @@ def write_config(tmp_path: Path, url: str, table: str, extra: str = "") -> Path:
     config.write_text(f"database = {url}\npolicy_table = {table}\n{extra}")
     config.chmod(0o600)
     return config
-
-
-async def add_events(url: str, table: str, events: list[Event]) -> None:
-    storage = create_storage(url, table)
-    await storage.open()
-    try:
-        await storage.migrate()
-        await storage.add_events(events)
-    finally:
-        await storage.close()
 
 
 def event(user: str, age: timedelta, recipients: int = 1) -> Event:
