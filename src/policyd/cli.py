@@ -855,62 +855,39 @@ def lists_command(config_path: str, as_json: bool) -> None:
         )
 
 
-@main.command()
-@config_option
-@_postfix_config_option
-@click.option("--all", "every", is_flag=True, help="Every held message of USER.")
-@click.option("--dry-run", is_flag=True, help="Only show what would be released.")
-@click.argument("user")
-@click.argument("queue_ids", nargs=-1)
-def release(
-    *,
-    config_path: str,
-    postfix_config: str | None,
-    every: bool,
-    dry_run: bool,
-    user: str,
-    queue_ids: tuple[str, ...],
-) -> None:
-    """Release USER's held mail (postsuper -H): --all, or the QUEUE_IDS given."""
-    _act_on_held(
-        config_path=config_path,
-        postfix_config=postfix_config,
-        user=user,
-        queue_ids=queue_ids,
-        every=every,
-        dry_run=dry_run,
-        option="-H",
-        verb="release",
-    )
+def _held_command(name: str, option: str, summary: str) -> None:
+    """`policyd release` / `policyd delete`: postsuper OPTION on USER's held mail."""
+
+    @main.command(name, help=summary)
+    @config_option
+    @_postfix_config_option
+    @click.option("--all", "every", is_flag=True, help="Every held message of USER.")
+    @click.option("--dry-run", is_flag=True, help=f"Only show what would be {name}d.")
+    @click.argument("user")
+    @click.argument("queue_ids", nargs=-1)
+    def command(
+        *,
+        config_path: str,
+        postfix_config: str | None,
+        every: bool,
+        dry_run: bool,
+        user: str,
+        queue_ids: tuple[str, ...],
+    ) -> None:
+        _act_on_held(
+            config_path=config_path,
+            postfix_config=postfix_config,
+            user=user,
+            queue_ids=queue_ids,
+            every=every,
+            dry_run=dry_run,
+            option=option,
+            verb=name,
+        )
 
 
-@main.command()
-@config_option
-@_postfix_config_option
-@click.option("--all", "every", is_flag=True, help="Every held message of USER.")
-@click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
-@click.argument("user")
-@click.argument("queue_ids", nargs=-1)
-def delete(
-    *,
-    config_path: str,
-    postfix_config: str | None,
-    every: bool,
-    dry_run: bool,
-    user: str,
-    queue_ids: tuple[str, ...],
-) -> None:
-    """Delete USER's held mail (postsuper -d): --all, or the QUEUE_IDS given."""
-    _act_on_held(
-        config_path=config_path,
-        postfix_config=postfix_config,
-        user=user,
-        queue_ids=queue_ids,
-        every=every,
-        dry_run=dry_run,
-        option="-d",
-        verb="delete",
-    )
+_held_command("release", "-H", "Release USER's held mail (postsuper -H): --all, or the QUEUE_IDS given.")
+_held_command("delete", "-d", "Delete USER's held mail (postsuper -d): --all, or the QUEUE_IDS given.")
 
 
 @main.command()
