@@ -14,12 +14,16 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
+import policyd.sync
 from policyd.clock import to_ms
 from policyd.quota import Outcome
 from policyd.storage import create_storage
@@ -229,3 +233,86 @@ async def test_other_daemons_are_told_by_what_they_write_now(
             assert _total(daemon.daemon, "near") == 62
             await other_client.close()
         await client.close()
+
+
+async def _open_transaction(url: str, table: str) -> tuple[Any, Callable[[str, int], Awaitable[None]]]:
+    """A connection of its own to the server database, in a transaction left open, and how
+    to insert a row of another daemon into it."""
+    parts = urlsplit(url)
+    columns = "ts, sasl_username, sender, client_address, recipient_count, action, event_id, origin"
+    if url.startswith("postgresql"):
+        import asyncpg
+
+        connection = await asyncpg.connect(url)
+        transaction = connection.transaction()
+        await transaction.start()
+
+        async def insert_pg(user: str, recipients: int) -> None:
+            await connection.execute(
+                f"INSERT INTO {table} ({columns}) VALUES (now(), $1, 's', '192.0.2.9', $2, 'DUNNO', $3, 'other')",
+                user,
+                recipients,
+                uuid.uuid4().hex,
+            )
+
+        return (connection, transaction), insert_pg
+    import aiomysql
+
+    connection = await aiomysql.connect(
+        host=parts.hostname,
+        port=parts.port or 3306,
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        db=parts.path.lstrip("/"),
+        autocommit=False,
+    )
+
+    async def insert_mysql(user: str, recipients: int) -> None:
+        async with connection.cursor() as cursor:
+            await cursor.execute(
+                f"INSERT INTO {table} ({columns}) VALUES (UTC_TIMESTAMP(3), %s, 's', '192.0.2.9', %s, 'DUNNO', %s, 'other')",
+                (user, recipients, uuid.uuid4().hex),
+            )
+
+    return (connection, None), insert_mysql
+
+
+async def _commit(handle: Any) -> None:
+    connection, transaction = handle
+    if transaction is not None:
+        await transaction.commit()
+        await connection.close()
+    else:
+        await connection.commit()
+        connection.close()
+
+
+async def test_a_row_committed_after_a_higher_id_is_counted(shared_database: str, tmp_path: Path) -> None:
+    """Ids are given at insert: a transaction holding a lower id commits after one holding a
+    higher id, which the tail has read already.  The tail's check of what it has read
+    finds it, and it is counted."""
+    table = "events"
+    settings = make_settings(shared_database, table, quota=10, reject_quota=100, spool=f"{tmp_path}/spool")
+    async with run_daemon(settings) as daemon:
+        sync, stats = daemon.daemon.sync, daemon.daemon.stats
+        late, insert_late = await _open_transaction(shared_database, table)
+        await insert_late("late", 9)  # the lower id, not committed yet
+        early, insert_early = await _open_transaction(shared_database, table)
+        await insert_early("early", 1)
+        await _commit(early)
+        deadline = time.monotonic() + 5
+        while _total(daemon.daemon, "early") != 1:
+            assert time.monotonic() < deadline, "the higher id was not read"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(3 * policyd.sync.TAIL_INTERVAL_SECONDS)
+        assert stats.tail_rereads == 0, "nothing came in late yet: nothing read again"
+        assert _total(daemon.daemon, "late") == 0
+        await _commit(late)
+        while _total(daemon.daemon, "late") != 9:
+            assert time.monotonic() < deadline, "the row committed late was not counted"
+            await asyncio.sleep(0.05)
+        assert stats.tail_rereads >= 1
+        client = await daemon.client()
+        assert (await client.ask(sasl_username="late", recipient_count=1)).startswith("HOLD")
+        await client.close()
+        assert sync.cursor >= sync.low

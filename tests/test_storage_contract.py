@@ -524,3 +524,17 @@ async def test_an_alert_is_claimed_once_per_incident(storage: Storage) -> None:
     assert await claim("bob", "1500/24h", 1, at_ms=at + 90, window_ms=24 * hour, origin="relay-a")
     # A window later: a new incident.
     assert await claim("alice", "1500/24h", 1, at_ms=at + 25 * hour, window_ms=24 * hour, origin="relay-a")
+
+
+async def test_tail_summary_counts_and_sums_the_ids_of_other_origins(storage: Storage) -> None:
+    assert await storage.tail_summary(0, 0, "me") == (0, 0)
+    await storage.add_events([event("alice", 1), event("bob", 2)], origin="other")
+    await storage.add_events([event("alice", 4)], origin="me")
+    await storage.add_events([event("carol", 8)], origin=None)
+    ids = [row.row_id for row in (await storage.tail(0, "me", 100)).rows]
+    top = await storage.max_event_id()
+    assert await storage.tail_summary(0, top, "me") == (3, sum(ids))
+    assert await storage.tail_summary(ids[0], top, "me") == (2, ids[1] + ids[2])
+    assert await storage.tail_summary(0, ids[1], "me") == (2, ids[0] + ids[1])
+    assert await storage.tail_summary(top, top, "me") == (0, 0)
+    assert (await storage.tail_summary(0, top, "nobody"))[0] == 4

@@ -87,6 +87,8 @@ class Stats:
     # read them first (the strict path)
     events_tailed: int = 0
     strict_reads: int = 0
+    # polls that read the recent rows again because one had come in late (sync.py)
+    tail_rereads: int = 0
     connections_accepted: int = 0
     connections_refused: int = 0
     # from a request read to its answer ready, and each database write (a batch of events)

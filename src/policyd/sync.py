@@ -97,6 +97,7 @@ class WindowSync:
         self.cursor = 0
         self.low = 0
         self._seen: dict[int, None] = {}
+        self._seen_sum = 0  # of the ids in _seen (see _read_new)
         self._marks: deque[tuple[float, int]] = deque()  # (monotonic time, cursor then)
         self._reading: tuple[asyncio.Future[bool], float] | None = None  # a read in progress
         # Other daemons by origin: when a recent row of theirs was last read (monotonic).
@@ -149,7 +150,7 @@ class WindowSync:
                 taken_back += 1
         self.decider.adopted = []
         self.low = self.cursor = fence
-        self._seen.clear()
+        self._forget_seen()
         self._marks.clear()
         # The rows after the fence, one by one, before the window is declared complete.
         async with asyncio.timeout(LOAD_TIMEOUT_SECONDS):
@@ -310,6 +311,21 @@ class WindowSync:
         after = self.low
         seen = self._seen
         counted = 0
+        if bounded and self.low < self.cursor:
+            # What was read above `low` is read again only if the database has other rows
+            # there now (committed late): parsing thousands of rows every poll to find none
+            # would cost the answers a few ms each time.
+            summary = await self.outage.attempt(
+                self.storage.tail_summary(self.low, self.cursor, self.origin),
+                TAIL_QUERY_TIMEOUT_SECONDS,
+                kind="read",
+            )
+            if summary is None:
+                return False
+            if summary == (len(seen), self._seen_sum):
+                after = self.cursor
+            else:
+                self.stats.tail_rereads += 1
         while True:
             query = self.storage.tail(after, self.origin, TAIL_BATCH_ROWS)
             if bounded:
@@ -335,6 +351,7 @@ class WindowSync:
                     )
                     self.cursor = self.low = tail.max_id
                     self._marks.clear()
+                    self._forget_seen()  # the new table's ids may be the old ones
                     self._ids_back_since = None
                 break
             self._ids_back_since = None
@@ -344,6 +361,7 @@ class WindowSync:
                 if row.row_id in seen:
                     continue
                 seen[row.row_id] = None
+                self._seen_sum += row.row_id
                 self.window.add(row.sasl_username, row.at, row.recipient_count, OUTCOMES[row.code], now_ms)
                 counted += 1
                 if bounded and row.at >= recent:
@@ -374,6 +392,11 @@ class WindowSync:
             self.low = low
             for row_id in [row_id for row_id in self._seen if row_id <= low]:
                 del self._seen[row_id]
+                self._seen_sum -= row_id
+
+    def _forget_seen(self) -> None:
+        self._seen.clear()
+        self._seen_sum = 0
 
     async def run(self) -> None:
         """Load (retrying until the database answers), then tail and expire, until cancelled."""

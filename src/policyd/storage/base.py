@@ -285,6 +285,12 @@ class Storage(abc.ABC):
         (at most `limit`), and the highest id in the table."""
 
     @abc.abstractmethod
+    async def tail_summary(self, after_id: int, up_to_id: int, exclude_origin: str) -> tuple[int, int]:
+        """How many rows have an id above `after_id` and at most `up_to_id`, not written by
+        `exclude_origin`, and the sum of their ids: the tail compares it with what it
+        has read of that range, and reads it again only if a row came in late."""
+
+    @abc.abstractmethod
     async def existing_event_ids(self, event_ids: Sequence[str], exclude_origin: str) -> set[str]:
         """Which of these event ids are stored, in rows not written by `exclude_origin`."""
 

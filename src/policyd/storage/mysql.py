@@ -1541,6 +1541,22 @@ class MySQLStorage(Storage):
 
         return await self._run("reading new events", run, retry_safe=True)
 
+    async def tail_summary(self, after_id: int, up_to_id: int, exclude_origin: str) -> tuple[int, int]:
+        async def run(conn: Any) -> tuple[int, int]:
+            layout = await self._layout_of(conn)
+            if "id" not in layout.columns or "origin" not in layout.columns:
+                return 0, 0
+            async with conn.cursor() as cursor:
+                await cursor.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(id), 0) FROM {_q(self.table)} "
+                    "WHERE id > %s AND id <= %s AND NOT (origin <=> %s)",
+                    (after_id, up_to_id, exclude_origin),
+                )
+                count, total = await cursor.fetchone()
+            return _int(count), _int(total)
+
+        return await self._run("reading new events", run, retry_safe=True)
+
     async def existing_event_ids(self, event_ids: Sequence[str], exclude_origin: str) -> set[str]:
         async def run(conn: Any) -> set[str]:
             layout = await self._layout_of(conn)

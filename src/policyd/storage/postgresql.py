@@ -759,6 +759,21 @@ class PostgreSQLStorage(Storage):
 
         return await self._run("reading new events", read)
 
+    async def tail_summary(self, after_id: int, up_to_id: int, exclude_origin: str) -> tuple[int, int]:
+        sql = (
+            f"SELECT COUNT(*), COALESCE(SUM(id), 0) FROM {self._t} "
+            "WHERE id > $1 AND id <= $2 AND origin IS DISTINCT FROM $3"
+        )
+
+        async def read(connection: Any) -> tuple[int, int]:
+            try:
+                count, total = await connection.fetchrow(sql, after_id, up_to_id, exclude_origin)
+            except asyncpg.UndefinedColumnError:
+                return 0, 0
+            return int(count), int(total)
+
+        return await self._run("reading new events", read)
+
     async def existing_event_ids(self, event_ids: Sequence[str], exclude_origin: str) -> set[str]:
         sql = (
             f"SELECT event_id FROM {self._t} WHERE event_id = ANY($1::text[]) AND origin IS DISTINCT FROM $2"

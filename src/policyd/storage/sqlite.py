@@ -467,6 +467,18 @@ class SQLiteStorage(Storage):
 
         return await self._read(read, "reading new events")
 
+    async def tail_summary(self, after_id: int, up_to_id: int, exclude_origin: str) -> tuple[int, int]:
+        sql = (
+            f"SELECT COUNT(*), COALESCE(SUM(rowid), 0) FROM {self.table} "
+            "WHERE rowid > ? AND rowid <= ? AND origin IS NOT ?"
+        )
+
+        def read(connection: sqlite3.Connection) -> tuple[int, int]:
+            count, total = connection.execute(sql, (after_id, up_to_id, exclude_origin)).fetchone()
+            return int(count), int(total)
+
+        return await self._read(read, "reading new events")
+
     async def existing_event_ids(self, event_ids: Sequence[str], exclude_origin: str) -> set[str]:
         table = self.table
 

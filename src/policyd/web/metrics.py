@@ -142,6 +142,11 @@ class PolicydCollector(Collector):
                 "Events lost: neither the spool nor the database took them",
             ),
             ("events_tailed", stats.events_tailed, "Other daemons' events read into the window"),
+            (
+                "tail_rereads",
+                stats.tail_rereads,
+                "Polls that read recent rows again: one had committed after higher ids",
+            ),
             ("spool_damaged", stats.spool_damaged, "Damaged stretches of the spool skipped at start"),
             (
                 "decided_during_outage",
