@@ -570,3 +570,38 @@ def test_bad_host_lists_are_refused_without_the_password(url: str, complaint: st
     with pytest.raises(ValueError, match=complaint) as caught:
         MySQLStorage.from_url(url, "events")
     assert "topsecret" not in str(caught.value) and "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+async def test_a_window_loaded_in_parts_is_the_window_loaded_whole(
+    migrated: MySQLStorage, parts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import policyd.storage.mysql as mysql_module
+
+    now = datetime.now(UTC)
+    users = [f"user{n:02d}" for n in range(40)] + ["Ünïcode", "a" * 230, "b" * 230]
+    events = [
+        Event(now - timedelta(minutes=n % 50), user, "s", "192.0.2.1", 1 + n % 7, Outcome.DUNNO)
+        for n, user in enumerate(users * 6)
+    ]
+    await migrated.add_events(events, origin="before")
+    top = await migrated.max_event_id()
+    since = now - timedelta(hours=1)
+
+    def as_dict(histories: list[Any]) -> dict[str, list[tuple[int, int, int]]]:
+        loaded: dict[str, list[tuple[int, int, int]]] = {}
+        for history in histories:
+            assert history.sasl_username not in loaded, "a user in two parts"
+            loaded[history.sasl_username] = sorted(
+                zip(history.times, history.counts, history.codes, strict=True)
+            )
+        return loaded
+
+    whole = as_dict(await migrated.load_window(since, top, None))
+    assert set(whole) == set(users) and sum(map(len, whole.values())) == len(events)
+    monkeypatch.setattr(mysql_module, "LOAD_PARTS", parts)
+    monkeypatch.setattr(mysql_module, "LOAD_PARTS_FROM_ROWS", 1)
+    monkeypatch.setattr(mysql_module, "LOAD_SAMPLE_ROWS", min(top, 100))
+    cuts = await migrated._run("cutting", migrated._load_cuts(top), retry_safe=True)
+    assert 1 <= len(cuts) <= parts - 1
+    assert as_dict(await migrated.load_window(since, top, None)) == whole

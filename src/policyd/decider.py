@@ -184,7 +184,7 @@ class Decider:
             self._strict_tasks.add(task)
             task.add_done_callback(self._strict_tasks.discard)
             return
-        self._count(message, settings, now, answer)
+        self._count(message, settings, now_ms, answer)
 
     def _with_overrides(self, settings: Settings, user: str, now_ms: int) -> Settings:
         """The settings with the user's overrides of the limits (same windows) in place."""
@@ -222,20 +222,19 @@ class Decider:
             # waits until the event is in the database, so the other daemons' strict reads
             # see it: at most one message per connection is unseen, as when every request
             # read the database.
-            self._count(message, settings, self.clock(), answer, committed=True)
+            self._count(message, settings, to_ms(self.clock()), answer, committed=True)
 
     def _count(
         self,
         message: Message,
         settings: Settings,
-        now: datetime,
+        now_ms: int,
         answer: Callable[[Verdict], None],
         committed: bool = False,
     ) -> None:
         """Totals, decision, the message into the window, the event to the writer: no await
         anywhere, so no other request of this user in between."""
         rules = settings.rules
-        now_ms = to_ms(now)
         user = message.sasl_username
         if not self.complete and user not in self.window:
             # Nothing known about this user and no history from the database yet: the

@@ -8,7 +8,6 @@ socket returned and it hands back every request completed so far.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 # Limits on what a client may send.  A real Postfix 3.x request has about 30 attributes
@@ -55,30 +54,30 @@ def parse_request(block: bytes) -> PolicyRequest:
     # bytes become \xNN escapes: printable, storable in any database, and distinct.  The
     # block is decoded in one go: "\n" and "=" are ASCII, never inside a multi-byte
     # character, so this is the same as decoding each name and value apart.
-    text = block.decode("utf-8", "backslashreplace")
-    lines = text.split("\n")
     if (
-        len(lines) <= MAX_ATTRIBUTES
-        and len(block) <= MAX_LINE_BYTES
-        and text.isascii()
-        and _NUL_OR_SPACE.search(text) is None
+        len(block) <= MAX_LINE_BYTES
+        and block.isascii()
+        and len(block.translate(None, _NUL_OR_SPACE)) == len(block)
     ):
         # The common case, a request from Postfix: nothing str.strip() would remove, so
         # one pass in C (a line without "=" splits into one part, which dict() refuses).
-        try:
-            attributes = dict([line.split("=", 1) for line in lines])
-        except ValueError:
-            pass
-        else:
-            if "" not in attributes:
-                return PolicyRequest(attributes)
+        lines = block.decode("ascii").split("\n")
+        if len(lines) <= MAX_ATTRIBUTES:
+            try:
+                attributes = dict([line.split("=", 1) for line in lines])
+            except ValueError:
+                pass
+            else:
+                if "" not in attributes:
+                    return PolicyRequest(attributes)
     # Spaces to strip (people typing requests by hand), non-ASCII text, or a mistake to
     # point at: line by line.
     return _parse_checking_each_line(block)
 
 
-# A NUL, or what str.strip() removes in ASCII text ("\n" ends lines).
-_NUL_OR_SPACE = re.compile("[\0 \t\r\x0b\x0c\x1c-\x1f]")
+# A NUL, or what str.strip() removes in ASCII text ("\n" ends lines): bytes.translate
+# deletes them in one pass, several times quicker than a regular expression's search.
+_NUL_OR_SPACE = b"\0 \t\r\x0b\x0c\x1c\x1d\x1e\x1f"
 
 
 def _parse_checking_each_line(block: bytes) -> PolicyRequest:

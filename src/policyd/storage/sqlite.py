@@ -18,7 +18,6 @@ compares correctly as text.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import shlex
@@ -49,7 +48,7 @@ from policyd.storage.base import (
     event_row,
     outcome_of_stored,
     split_numbers,
-    utc,
+    utc_text,
 )
 from policyd.worker import WorkerThread
 
@@ -83,15 +82,7 @@ _COLUMNS = {
 }
 
 
-def format_ts(moment: datetime) -> str:
-    """UTC text to the millisecond (the second's text is cached: events come in order)."""
-    moment = utc(moment)
-    return f"{_second_text(moment.replace(microsecond=0))}.{moment.microsecond // 1000:03d}"
-
-
-@functools.lru_cache(maxsize=8)
-def _second_text(second: datetime) -> str:
-    return second.strftime("%Y-%m-%d %H:%M:%S")
+format_ts = utc_text  # the text of `ts` (UTC, to the millisecond)
 
 
 def parse_ts(text: str) -> datetime:
