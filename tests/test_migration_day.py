@@ -26,8 +26,15 @@ from policyd.cli import main
 from policyd.config import ConfigError, settings_from_text
 from policyd.quota import OfficeHours, Outcome
 from policyd.storage import Event, create_storage
-from tests.conftest import add_events, count_rows, execute_admin_sql, free_port, make_settings, run_daemon
-from tests.test_server import wait_for_port
+from tests.conftest import (
+    add_events,
+    count_rows,
+    execute_admin_sql,
+    free_port,
+    make_settings,
+    run_daemon,
+    wait_for_port,
+)
 
 FORMATS_FILE = Path(__file__).resolve().parent / "fixtures" / "go-policyd-log-formats.txt"
 

@@ -26,6 +26,7 @@ from tests.conftest import (
     free_port,
     make_settings,
     run_daemon,
+    wait_for_port,
 )
 
 
@@ -335,18 +336,6 @@ def ask_blocking(port: int, **attributes: object) -> str:
             assert chunk, "connection closed before the reply"
             reply += chunk
     return reply.decode()[len("action=") : -2]
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read().decode() if process.stderr else "exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("policyd did not start listening")
 
 
 def test_serve_subprocess_reload_and_terminate(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import policyd.sync
 from policyd.clock import to_ms
 from policyd.quota import Outcome
 from policyd.storage import create_storage
-from tests.conftest import PolicyClient, free_port, make_settings, run_daemon
+from tests.conftest import PolicyClient, free_port, make_settings, run_daemon, wait_for_port
 
 DAEMONS = 3
 CONNECTIONS_PER_DAEMON = 4
@@ -64,19 +64,6 @@ def start_daemons(tmp_path: Path, url: str, count: int) -> tuple[list[subprocess
         )
         ports.append(port)
     return processes, ports
-
-
-async def wait_until_listening(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client = await PolicyClient.connect(f"127.0.0.1:{port}")
-            await client.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -117,7 +104,7 @@ async def test_one_quota_shared_by_several_daemons(shared_database: str, tmp_pat
     processes, ports = start_daemons(tmp_path, shared_database, DAEMONS)
     try:
         for port in ports:
-            await wait_until_listening(port)
+            await asyncio.to_thread(wait_for_port, port, None, 30)
         results = await hammer(ports, messages_per_connection=40)
     finally:
         stop_all(processes)

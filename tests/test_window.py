@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -49,6 +50,31 @@ class Model:
         return tuple(result)
 
 
+def replay(
+    spans: list[int],
+    script: list[tuple],  # type: ignore[type-arg]
+    after_each: Callable[[Window, Model, int], None] | None = None,
+) -> tuple[Window, Model, int]:
+    """A window and the model fed the same script of adds and resets (each add answered
+    as the model says), `after_each(window, model, now)` after each step."""
+    window = Window(spans)
+    model = Model(tuple(spans))
+    now = T0
+    for kind, step, user, late, recipients, outcome in script:
+        now += step
+        if kind == "add":
+            assert window.add(user, now - late, recipients, outcome, now) == (
+                model.add(user, now - late, recipients, outcome, now)
+                and any(now - late >= now - span for span in spans)
+            )
+        else:
+            window.reset(user, now - late)
+            model.reset(user, now - late)
+        if after_each is not None:
+            after_each(window, model, now)
+    return window, model, now
+
+
 outcomes = st.sampled_from([Outcome.DUNNO, Outcome.HOLD, Outcome.REJECT])
 users = st.sampled_from(["alice", "bob", "carol"])
 span_sets = st.lists(st.sampled_from([1_000, 60_000, HOUR, DAY, 7 * DAY]), min_size=1, max_size=3)
@@ -72,25 +98,16 @@ steps = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(spans=span_sets, script=steps)
 def test_window_equals_the_brute_force_model(spans: list[int], script: list[tuple]) -> None:  # type: ignore[type-arg]
-    window = Window(spans)
-    model = Model(tuple(spans))
-    now = T0
-    for kind, step, user, late, recipients, outcome in script:
-        now += step
-        if kind == "add":
-            assert window.add(user, now - late, recipients, outcome, now) == (
-                model.add(user, now - late, recipients, outcome, now)
-                and any(now - late >= now - span for span in spans)
-            )
-        else:
-            window.reset(user, now - late)
-            model.reset(user, now - late)
+
+    def same_sums(window: Window, model: Model, now: int) -> None:
         for name in ("alice", "bob", "carol"):
             assert window.sums(name, now) == model.sums(name, now), (name, now)
             expected = tuple(total.counted(False) for total in model.sums(name, now))
             assert window.totals(name, now, count_rejected=False) == expected
             expected = tuple(total.counted(True) for total in model.sums(name, now))
             assert window.totals(name, now, count_rejected=True) == expected
+
+    window, _, now = replay(spans, script, same_sums)
     # Memory: nothing outside the longest window is held once time has moved on.
     later = now + max(spans) + 1
     window.expire(later)
@@ -103,17 +120,7 @@ def test_window_equals_the_brute_force_model(spans: list[int], script: list[tupl
 def test_what_is_held_gives_the_same_sums(spans: list[int], script: list[tuple], cut: int) -> None:  # type: ignore[type-arg]
     """held(): what a lost database is given back, summed like the model (per user,
     millisecond and outcome), from `since` to before `before`."""
-    window = Window(spans)
-    model = Model(tuple(spans))
-    now = T0
-    for kind, step, user, late, recipients, outcome in script:
-        now += step
-        if kind == "add":
-            window.add(user, now - late, recipients, outcome, now)
-            model.add(user, now - late, recipients, outcome, now)
-        else:
-            window.reset(user, now - late)
-            model.reset(user, now - late)
+    window, model, now = replay(spans, script)
     before = now - cut
     since = now - max(spans)
     got: dict[tuple[str, int, Outcome], int] = {}
@@ -137,17 +144,7 @@ def test_changing_the_spans_keeps_what_is_held(
 ) -> None:  # type: ignore[type-arg]
     """A reload to other window lengths answers as a model that always had them, for as far
     back as the old longest window reaches."""
-    window = Window(spans)
-    model = Model(tuple(spans))
-    now = T0
-    for kind, step, user, late, recipients, outcome in script:
-        now += step
-        if kind == "add":
-            window.add(user, now - late, recipients, outcome, now)
-            model.add(user, now - late, recipients, outcome, now)
-        else:
-            window.reset(user, now - late)
-            model.reset(user, now - late)
+    window, model, now = replay(spans, script)
     window.set_spans(new_spans, now)
     reach = max(spans)
     for name in ("alice", "bob", "carol"):
