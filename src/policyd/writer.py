@@ -41,9 +41,10 @@ from policyd.worker import WorkerThread
 
 # Events written to the database in one transaction at most.
 MAX_BATCH_EVENTS = 500
-# Events just spooled kept in memory for the database at most (about 400 bytes each);
-# past that (a long outage) the backlog is read back from the spool.
-MAX_FRESH_EVENTS = 50_000
+# Events just spooled kept in memory for the database at most (about 500 bytes each: at
+# most 5 MB); past that (an outage, a database a second or more behind) the backlog is
+# read back from the spool.  50,000 cost 25 MB of peak RSS whenever the database lagged.
+MAX_FRESH_EVENTS = 10_000
 # How much longer than db_timeout a request waits for its event to be recorded.
 WRITE_GRACE_SECONDS = 1.0
 # A missing table is made again at most this often (a migration that does not stick, a
