@@ -538,3 +538,23 @@ async def test_tail_summary_counts_and_sums_the_ids_of_other_origins(storage: St
     assert await storage.tail_summary(0, ids[1], "me") == (2, ids[0] + ids[1])
     assert await storage.tail_summary(top, top, "me") == (0, 0)
     assert (await storage.tail_summary(0, top, "nobody"))[0] == 4
+
+
+@pytest.mark.parametrize("batch", [1, 3, 255, 256, 257, 1000])
+async def test_a_batch_of_any_size_is_stored_whole(storage: Storage, batch: int) -> None:
+    events = [event(f"user{n % 7}", 1 + n % 5) for n in range(batch)]
+    await storage.add_events(events, origin="other")
+    rows = (await storage.tail(0, "me", 10 * batch)).rows
+    assert len(rows) == batch
+    assert sum(row.recipient_count for row in rows) == sum(e.recipient_count for e in events)
+
+
+def test_sqlite_inserts_come_in_few_sizes() -> None:
+    from policyd.storage.sqlite import _ROWS_PER_INSERT, _statement_sizes
+
+    seen: set[int] = set()
+    for rows in range(3000):
+        sizes = _statement_sizes(rows)
+        assert sum(sizes) == rows and all(0 < size <= _ROWS_PER_INSERT for size in sizes)
+        seen.update(sizes)
+    assert len(seen) <= _ROWS_PER_INSERT.bit_length()  # sqlite3 caches 128 statements

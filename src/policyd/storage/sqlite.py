@@ -66,8 +66,9 @@ WAL_CHECKPOINT_BYTES = 8 * 1024 * 1024
 # returns is exact to well under a millisecond, so rounding gives the stored value.
 _MS_SQL = "CAST(round((julianday(ts) - 2440587.5) * 86400000) AS INTEGER)"
 
-# Rows per INSERT statement: within SQLite's 32,766 bound parameters.
-_ROWS_PER_INSERT = 500
+# Rows per INSERT statement at most (a power of two, see _statement_sizes): within
+# SQLite's 32,766 bound parameters.
+_ROWS_PER_INSERT = 256
 
 _COLUMNS = {
     "ts": "TEXT NOT NULL",
@@ -83,6 +84,17 @@ _COLUMNS = {
 
 
 format_ts = utc_text  # the text of `ts` (UTC, to the millisecond)
+
+
+def _statement_sizes(rows: int) -> list[int]:
+    """How many rows each INSERT of a batch takes: as many of _ROWS_PER_INSERT as fit,
+    then the powers of two the rest is made of (largest first).  Few distinct statements,
+    so that sqlite3's cache of prepared statements holds them all: one per size seen
+    cost up to 128 cached programs of hundreds of parameters each, tens of MB."""
+    sizes = [_ROWS_PER_INSERT] * (rows // _ROWS_PER_INSERT)
+    rest = rows % _ROWS_PER_INSERT
+    sizes.extend(1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1)
+    return sizes
 
 
 def parse_ts(text: str) -> datetime:
@@ -185,6 +197,7 @@ class SQLiteStorage(Storage):
         self._reader: _Connection | None = None
         self._writer: _Connection | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._inserts: dict[int, str] = {}  # rows -> the INSERT of that many (_statement_sizes)
 
     @classmethod
     def from_url(cls, url: str, table: str) -> SQLiteStorage:
@@ -333,6 +346,14 @@ class SQLiteStorage(Storage):
         row = await self._read(lambda c: c.execute(sql, params).fetchone(), "summing recipients")
         return int(row[0]) if row else 0
 
+    def _insert_sql(self, rows: int) -> str:
+        sql = self._inserts.get(rows)
+        if sql is None:
+            row = "(" + ", ".join("?" * EVENT_VALUES) + ")"
+            sql = f"INSERT OR IGNORE INTO {self.table} ({EVENT_COLUMNS}) VALUES " + ", ".join([row] * rows)
+            self._inserts[rows] = sql
+        return sql
+
     async def add_events(self, events: Sequence[Event], origin: str | None = None) -> None:
         if not events:
             return
@@ -340,17 +361,14 @@ class SQLiteStorage(Storage):
         # One multi-row INSERT per chunk, not executemany: the thread binds every value in
         # one go and SQLite inserts the rows in one step with the GIL released, instead of
         # taking the GIL back from the event loop for every row.
-        row = "(" + ", ".join("?" * EVENT_VALUES) + ")"
         statements: list[tuple[str, list[object]]] = []
-        for start in range(0, len(events), _ROWS_PER_INSERT):
-            chunk = events[start : start + _ROWS_PER_INSERT]
+        start = 0
+        for size in _statement_sizes(len(events)):
             values: list[object] = []
-            for event in chunk:
+            for event in events[start : start + size]:
                 values.extend(event_row(event, format_ts, origin))
-            sql = f"INSERT OR IGNORE INTO {self.table} ({EVENT_COLUMNS}) VALUES " + ", ".join(
-                [row] * len(chunk)
-            )
-            statements.append((sql, values))
+            statements.append((self._insert_sql(size), values))
+            start += size
 
         def insert(connection: sqlite3.Connection) -> None:
             def all_chunks() -> None:
