@@ -539,14 +539,15 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
         big, empty = found.get((backend, 10_000_000)), found.get((backend, 0))
         if big is not None and empty is not None:
             raw = big["policyd_rps"] / empty["policyd_rps"]
-            # The reference drifts between the two (the machine's speed does): each
-            # scenario's ratio to the reference measured with it is the fair comparison.
-            fair = big["ratio"] / empty["ratio"]
+            # The target is on throughput itself.  Each scenario's ratio to its own
+            # reference is shown beside it: the machine's speed drifts between the two,
+            # but so does the reference's, on its own (it is the load generator's bound).
+            normalised = big["ratio"] / empty["ratio"]
             checks.append(
                 (
                     f"{backend} 10M: throughput >= 0.9 x the empty table's",
-                    f"{fair:.2f} of the empty table's ratio to the reference ({raw:.2f} in raw req/s)",
-                    fair >= 0.9,
+                    f"{raw:.2f} ({normalised:.2f} of the empty table's ratio to the reference)",
+                    raw >= 0.9,
                 )
             )
         if big is not None:
