@@ -9,6 +9,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -364,6 +365,11 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def serve_command(config: Path | str) -> list[str]:
+    """`policyd serve` in the foreground with this config, by the tests' interpreter."""
+    return [sys.executable, "-m", "policyd", "serve", "-c", str(config), "--foreground"]
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:

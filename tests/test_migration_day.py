@@ -14,7 +14,6 @@ import logging
 import re
 import signal
 import subprocess
-import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +32,7 @@ from tests.conftest import (
     free_port,
     make_settings,
     run_daemon,
+    serve_command,
     wait_for_port,
 )
 
@@ -275,7 +275,7 @@ def test_serve_logs_the_octal_warning_once_at_start(tmp_path: Path) -> None:
         tmp_path, f"sqlite://{tmp_path}/p.sqlite", "events", f"port = {port}\ndefaultquota = 01500\n"
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "policyd", "serve", "-c", str(config), "--foreground"],
+        serve_command(config),
         stderr=subprocess.PIPE,
         cwd=tmp_path,
     )

@@ -26,6 +26,7 @@ from tests.conftest import (
     free_port,
     make_settings,
     run_daemon,
+    serve_command,
     wait_for_port,
 )
 
@@ -343,7 +344,7 @@ def test_serve_subprocess_reload_and_terminate(tmp_path: Path) -> None:
     config = tmp_path / "policyd.cfg"
     write_config(config, port, f"sqlite://{tmp_path}/db.sqlite", quota=100)
     process = subprocess.Popen(
-        [sys.executable, "-m", "policyd", "serve", "-c", str(config), "--foreground"],
+        serve_command(config),
         stderr=subprocess.PIPE,
         cwd=tmp_path,
     )
@@ -380,7 +381,7 @@ def test_serve_refuses_a_bad_config_file(tmp_path: Path) -> None:
     config = tmp_path / "policyd.cfg"
     config.write_text("port = 9093\nquota = 5\n")
     result = subprocess.run(
-        [sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"],
+        serve_command(config),
         capture_output=True,
         text=True,
         timeout=30,
@@ -397,7 +398,7 @@ def test_serve_reports_a_busy_port(tmp_path: Path) -> None:
         config = tmp_path / "policyd.cfg"
         write_config(config, port, f"sqlite://{tmp_path}/db.sqlite", quota=10)
         result = subprocess.run(
-            [sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"],
+            serve_command(config),
             capture_output=True,
             text=True,
             timeout=30,
@@ -415,7 +416,7 @@ def test_serve_names_a_socket_in_a_missing_directory(tmp_path: Path) -> None:
     with config.open("a") as file:
         file.write(f"socket = {tmp_path}/missing/policyd.sock\n")
     result = subprocess.run(
-        [sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"],
+        serve_command(config),
         capture_output=True,
         text=True,
         timeout=30,
@@ -438,7 +439,7 @@ def test_serve_tells_systemd_ready_status_and_stopping(tmp_path: Path) -> None:
         notify_socket.bind(str(notify_path))
         notify_socket.settimeout(15)
         process = subprocess.Popen(
-            [sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"],
+            serve_command(config),
             stderr=subprocess.DEVNULL,
             env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
         )
@@ -464,7 +465,7 @@ def test_control_characters_in_names_are_escaped_in_the_log_and_top(tmp_path: Pa
     config = tmp_path / "policyd.cfg"
     write_config(config, port, f"sqlite://{tmp_path}/db.sqlite", quota=100)
     process = subprocess.Popen(
-        [sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"],
+        serve_command(config),
         stderr=subprocess.PIPE,
     )
     try:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,7 +26,7 @@ import policyd.sync
 from policyd.clock import to_ms
 from policyd.quota import Outcome
 from policyd.storage import create_storage
-from tests.conftest import PolicyClient, free_port, make_settings, run_daemon, wait_for_port
+from tests.conftest import PolicyClient, free_port, make_settings, run_daemon, serve_command, wait_for_port
 
 DAEMONS = 3
 CONNECTIONS_PER_DAEMON = 4
@@ -59,9 +58,7 @@ def start_daemons(tmp_path: Path, url: str, count: int) -> tuple[list[subprocess
             f"rejectquota = 1000000\nspool = {tmp_path}/spool{index}\nlog_level = warning\n"
         )
         log = (tmp_path / f"policyd{index}.log").open("wb")
-        processes.append(
-            subprocess.Popen([sys.executable, "-m", "policyd", "serve", "-c", str(config), "-f"], stderr=log)
-        )
+        processes.append(subprocess.Popen(serve_command(config), stderr=log))
         ports.append(port)
     return processes, ports
 
