@@ -43,7 +43,7 @@ from policyd.worker import WorkerThread
 MAX_BATCH_EVENTS = 500
 # Events just spooled kept in memory for the database at most (about 500 bytes each: at
 # most 5 MB); past that (an outage, a database a second or more behind) the backlog is
-# read back from the spool.  50,000 cost 25 MB of peak RSS whenever the database lagged.
+# read back from the spool.  50,000 could hold 25 MB whenever the database lagged.
 MAX_FRESH_EVENTS = 10_000
 # How much longer than db_timeout a request waits for its event to be recorded.
 WRITE_GRACE_SECONDS = 1.0
