@@ -6,7 +6,10 @@ session (tests/dbservers.py).
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -558,3 +561,39 @@ def test_sqlite_inserts_come_in_few_sizes() -> None:
         assert sum(sizes) == rows and all(0 < size <= _ROWS_PER_INSERT for size in sizes)
         seen.update(sizes)
     assert len(seen) <= _ROWS_PER_INSERT.bit_length()  # sqlite3 caches 128 statements
+
+
+async def test_sqlite_writer_checkpoints_only_a_big_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past WAL_CHECKPOINT_BYTES of log the writer checkpoints; once the log is reused (and
+    cut back to WAL_SIZE_LIMIT_BYTES), a small commit stays in the log until sync_to_disk.
+    The sizes scaled down by 64, as they are in proportion."""
+    from policyd.storage import sqlite
+
+    assert sqlite.WAL_SIZE_LIMIT_BYTES < sqlite.WAL_CHECKPOINT_BYTES
+    monkeypatch.setattr(sqlite, "WAL_SIZE_LIMIT_BYTES", sqlite.WAL_SIZE_LIMIT_BYTES // 64)
+    monkeypatch.setattr(sqlite, "WAL_CHECKPOINT_BYTES", sqlite.WAL_CHECKPOINT_BYTES // 64)
+    path = tmp_path / "policyd.sqlite"
+    store = create_storage(f"sqlite://{path}", "events")
+    await store.open()
+    await store.migrate()
+
+    def rows_in_the_database_file() -> int:
+        # immutable: the file alone, without what the write-ahead log holds.
+        with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as connection:
+            return int(connection.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    try:
+        big = [event(f"user{n}", 1) for n in range(3000)]
+        await store.add_events(big)
+        assert Path(f"{path}-wal").stat().st_size > sqlite.WAL_CHECKPOINT_BYTES
+        assert rows_in_the_database_file() == len(big)  # checkpointed by the writer
+        await store.sync_to_disk()
+        for _ in range(3):  # the log reused from its start: small commits stay in it
+            await store.add_events([event("alice", 1)])
+            assert rows_in_the_database_file() == len(big)
+        await store.sync_to_disk()
+        assert rows_in_the_database_file() == len(big) + 3
+    finally:
+        await store.close()

@@ -58,8 +58,10 @@ T = TypeVar("T")
 # before failing.  The daemon bounds its own wait separately (db_timeout).
 BUSY_TIMEOUT_SECONDS = 5.0
 # The write-ahead log's size on disk once reused (see open()), and the size past which
-# the writer checkpoints it itself (see _checkpoint_if_big).
-WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+# the writer checkpoints it itself (see _checkpoint_if_big).  The file's size is what is
+# looked at, so the first must stay below the second: a log kept at 16 MB on disk past an
+# 8 MB threshold made the writer checkpoint (two fdatasyncs) after every commit, for good.
+WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 WAL_CHECKPOINT_BYTES = 8 * 1024 * 1024
 
 # ts (text) as milliseconds since the epoch: julianday() parses it in C; the double it
