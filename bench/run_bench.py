@@ -211,15 +211,10 @@ class Database:
                     f"FROM generate_series({first}, {last}) AS n; ANALYZE {TABLE}",
                     self.server.database,
                 )
-        if self.backend == "sqlite":
-            self.migrate()  # the per-user index, dropped for the fill
         return time.monotonic() - started
 
     def _fill_sqlite(self, first: int, last: int, now: float, users: int, span_seconds: int) -> None:
         with contextlib.closing(sqlite3.connect(self.url[len("sqlite://") :])) as connection:
-            # The per-user index is built once, after the rows (random inserts into it
-            # are most of the time of filling 10 million rows); migrate makes it again.
-            connection.execute(f"DROP INDEX IF EXISTS {TABLE}_user_ts")
             connection.execute(
                 "WITH RECURSIVE seq(n) AS (SELECT ? UNION ALL SELECT n + 1 FROM seq WHERE n < ?) "
                 f"INSERT INTO {TABLE} (ts, sasl_username, sender, client_address, recipient_count, action, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -304,7 +305,6 @@ def test_config_keys_lists_every_key() -> None:
 
 MIGRATION_STEPS = [
     "create table events",
-    "create index events_user_ts",
     "create index events_ts",
     "create index events_event_id",
     "create table events_overrides (per-user limit overrides)",
@@ -324,6 +324,30 @@ def test_migrate_creates_the_schema_then_is_up_to_date(config: Path, db_path: Pa
     assert second.stdout == "schema is up to date\n"
     dry = run("migrate", "--dry-run", "-c", str(config))
     assert dry.stdout == "schema is up to date\n"
+
+
+def test_migrate_drops_the_per_user_index_of_earlier_versions(config: Path, db_path: Path) -> None:
+    assert run("migrate", "-c", str(config)).exit_code == 0
+    with contextlib.closing(sqlite3.connect(db_path)) as connection:
+        # What policyd 0.1 made, summing each request from it.
+        connection.execute(
+            "CREATE INDEX events_user_ts ON events(sasl_username, ts, action, recipient_count)"
+        )
+        connection.execute(
+            "INSERT INTO events (ts, sasl_username, recipient_count) VALUES ('2026-12-01', 'a', 3)"
+        )
+        connection.commit()
+    dry = run("migrate", "--dry-run", "-c", str(config))
+    assert "would drop index events_user_ts (no longer used)" in dry.stdout.splitlines()
+    assert "table events: 1 rows, each kept" in dry.stdout
+    result = run("migrate", "-c", str(config))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["drop index events_user_ts (no longer used)"]
+    with contextlib.closing(sqlite3.connect(db_path)) as connection:
+        names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "events_user_ts" not in names and {"events_ts", "events_event_id"} <= names
+        assert connection.execute("SELECT SUM(recipient_count) FROM events").fetchone() == (3,)
+    assert run("migrate", "-c", str(config)).stdout == "schema is up to date\n"
 
 
 def test_migrate_dry_run_lists_steps_without_creating(config: Path, db_path: Path) -> None:
