@@ -25,8 +25,8 @@ What its source (site-packages/policyd_rate_limit/) requires, read there and (bu
 - It imports `imp`, so it needs Python <= 3.11 (the venv is made from the running interpreter).
 
 Apt packages to build mysqlclient (no Linux wheel on PyPI), beyond the MariaDB server and client
-in scripts/apt-packages.txt: default-libmysqlclient-dev, pkg-config, build-essential. The
-libmariadb3 runtime comes with mariadb-client.
+in scripts/apt-packages.txt: default-libmysqlclient-dev, pkg-config, build-essential, installed
+here when missing (as root). The libmariadb3 runtime comes with mariadb-client.
 
 Verified on Debian 12, Python 3.11.7, mysqlclient 2.3.2, MariaDB 10.11 (2 cores): the demo ran with
 0 errors at 1,000-1,600 req/s, every reply DUNNO, one mail_count row per authenticated request,
@@ -106,6 +106,29 @@ def _imports(python: Path) -> bool:
     return check.returncode == 0
 
 
+def install_apt_packages() -> None:
+    """APT_PACKAGES, those missing, with apt-get when root (the bench's alone: the tests
+    do not need them, so scripts/bootstrap does not install them)."""
+    missing = [
+        package
+        for package in APT_PACKAGES
+        if "install ok installed"
+        not in subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
+        ).stdout
+    ]
+    if not missing or os.geteuid() != 0:
+        return  # not root: pip's error below names them
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        check=True,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def ensure_installed(venv_dir: Path) -> Path:
     """Make `venv_dir` a venv holding policyd-rate-limit 1.2.0 and mysqlclient (skipped when
     already so) and return the path of its `policyd-rate-limit` executable."""
@@ -113,6 +136,7 @@ def ensure_installed(venv_dir: Path) -> Path:
     executable = venv_dir / "bin" / PACKAGE
     if python.exists() and executable.exists() and _imports(python):
         return executable
+    install_apt_packages()
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv_dir)], check=True)
     log = venv_dir / "pip-install.log"
