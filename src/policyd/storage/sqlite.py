@@ -323,9 +323,9 @@ class SQLiteStorage(Storage):
         table = self.table
         # No index by user: decisions come from memory, and one cost a page of the
         # write-ahead log per event (its rows land wherever their user's are, where these
-        # two grow at their end): 12% of the daemon's CPU.  A user's rows (policyd user,
-        # held, the status page) are scanned for by ts: 0.25 s at 1 M rows once cached,
-        # about ten times that at 10 M; a page's read stops at its timeout.
+        # two grow at their end): a fifth of the daemon's CPU per request.  A user's rows
+        # (policyd user, held, the status page) are scanned for by ts: 0.25 s at 1 M rows
+        # once cached, about ten times that at 10 M; a page's read stops at its timeout.
         return {
             f"{table}_ts": f"CREATE INDEX {table}_ts ON {table}(ts)",
             f"{table}_event_id": f"CREATE UNIQUE INDEX {table}_event_id ON {table}(event_id)",
