@@ -600,23 +600,22 @@ async def test_sqlite_writer_checkpoints_only_a_big_log(
         await store.close()
 
 
-async def test_sqlite_read_of_a_user_stops_when_its_caller_gives_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_sqlite_read_of_a_user_stops_when_its_caller_gives_up(storage: Storage) -> None:
     """A user's rows are scanned for (no index by user): a page's read that timed out must
     not keep the reader's thread from the next read."""
-    store = create_storage(f"sqlite://{tmp_path}/policyd.sqlite", "events")
-    await store.open()
-    await store.migrate()
     endless = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT COUNT(*) FROM n"
     try:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
-                await store._read_one_user(lambda c: c.execute(endless).fetchone(), "scanning")  # type: ignore[attr-defined]
+                await storage._read(  # type: ignore[attr-defined]
+                    lambda c: c.execute(endless).fetchone(), "scanning", cancellable=True
+                )
         # Reached only if the endless statement was stopped: one thread, one call at a time.
         async with asyncio.timeout(30):
-            await store.add_events([event("alice", 2)])
-            assert await store.recipients_since("alice", NOW - timedelta(hours=1), COUNTED) == 2
-            assert await store.recipients_since("bob", NOW - timedelta(hours=1), COUNTED) == 0
+            await storage.add_events([event("alice", 2)])
+            assert await storage.recipients_since("alice", NOW - timedelta(hours=1), COUNTED) == 2
+            assert await storage.recipients_since("bob", NOW - timedelta(hours=1), COUNTED) == 0
     finally:
         # Should the statement still run (the test failing), stop it, or close would wait.
-        getattr(store, "_reader")._connection.interrupt()  # noqa: B009
-        await store.close()
+        getattr(storage, "_reader")._connection.interrupt()  # noqa: B009

@@ -66,7 +66,7 @@ WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 WAL_CHECKPOINT_BYTES = 8 * 1024 * 1024
 
 # SQLite virtual machine steps between two looks at whether a read was given up on
-# (run_cancellable): a few hundred microseconds.
+# (_Connection.run): a few hundred microseconds.
 PROGRESS_STEPS = 10_000
 
 # ts (text) as milliseconds since the epoch: julianday() parses it in C; the double it
@@ -127,19 +127,18 @@ class _Connection:
 
         self._connection = await self._call(connect, what)
 
-    async def run(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
+    async def run(
+        self, work: Callable[[sqlite3.Connection], T], what: str, *, cancellable: bool = False
+    ) -> T:
+        """work(connection) in the thread.  `cancellable`: the statement stops when the
+        caller gives up on it (a timeout): a user's rows are found by scanning the
+        window's (there is no index by user), and the thread must not stay busy with a
+        page's query nobody waits for any more."""
         connection = self._connection
         if connection is None:
             raise StorageError("sqlite: storage is not open")
-        return await self._call(lambda: work(connection), what)
-
-    async def run_cancellable(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
-        """run(), but the statement stops when the caller gives up on it (a timeout): a
-        user's rows are found by scanning the window's (there is no index by user), and
-        the thread must not stay busy with a page's query nobody waits for any more."""
-        connection = self._connection
-        if connection is None:
-            raise StorageError("sqlite: storage is not open")
+        if not cancellable:
+            return await self._call(lambda: work(connection), what)
         abandoned = False
 
         def guarded_work() -> T:
@@ -304,14 +303,12 @@ class SQLiteStorage(Storage):
             raise StorageError("sqlite: storage is not open")
         return self._reader, self._writer
 
-    async def _read(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
+    async def _read(
+        self, work: Callable[[sqlite3.Connection], T], what: str, *, cancellable: bool = False
+    ) -> T:
+        """`cancellable` for a read of one user's rows (see _Connection.run)."""
         reader, _ = self._connections()
-        return await reader.run(work, what)
-
-    async def _read_one_user(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
-        """A read of one user's rows: stopped if its caller gives up (see run_cancellable)."""
-        reader, _ = self._connections()
-        return await reader.run_cancellable(work, what)
+        return await reader.run(work, what, cancellable=cancellable)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
         _, writer = self._connections()
@@ -390,7 +387,9 @@ class SQLiteStorage(Storage):
             f"WHERE sasl_username = ? AND ts >= ? AND action IN ({marks})"
         )
         params = (sasl_username, format_ts(since), *(str(outcome) for outcome in outcomes))
-        row = await self._read_one_user(lambda c: c.execute(sql, params).fetchone(), "summing recipients")
+        row = await self._read(
+            lambda c: c.execute(sql, params).fetchone(), "summing recipients", cancellable=True
+        )
         return int(row[0]) if row else 0
 
     def _insert_sql(self, rows: int) -> str:
@@ -557,8 +556,10 @@ class SQLiteStorage(Storage):
             f"SELECT DISTINCT queue_id FROM {self.table} "
             "WHERE sasl_username = ? AND ts >= ? AND queue_id IS NOT NULL AND queue_id != ''"
         )
-        rows = await self._read_one_user(
-            lambda c: c.execute(sql, (sasl_username, format_ts(since))).fetchall(), "reading queue ids"
+        rows = await self._read(
+            lambda c: c.execute(sql, (sasl_username, format_ts(since))).fetchall(),
+            "reading queue ids",
+            cancellable=True,
         )
         return {str(row[0]) for row in rows}
 
@@ -622,7 +623,7 @@ class SQLiteStorage(Storage):
                 for ts, sender, client, count, action, event_id, queue_id in rows
             ]
 
-        return await self._read_one_user(read, "reading a user's events")
+        return await self._read(read, "reading a user's events", cancellable=True)
 
     async def purge(self, before: datetime, batch_rows: int = PURGE_BATCH_ROWS) -> int:
         table = self.table
